@@ -1,0 +1,403 @@
+"""The agent's lifecycle: startup → main loop → shutdown, in the manner of uvicorn's server.
+
+Startup opens the store, starts watching *before* taking the first snapshot (so no change can
+slip between the two), queues the snapshot and starts the sender. The main loop waits for
+changes, debounces them, hands them to the pipeline, and runs the periodic work: heartbeat,
+reconciliation rescan, optional resync, parse retries, systemd watchdog pings. Signal handlers
+only set flags. Shutdown is ordered and bounded: stop watching, read what is pending, queue a
+last status, drain the outbox for at most ``delivery.drain_timeout``, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import __version__
+from agent import config as config_module
+from agent.config import Config
+from agent.deliver import Sender, build_client
+from agent.errors import AgentError, ConfigError, StorageError
+from agent.notify import Notifier
+from agent.outbox import Store
+from agent.pipeline import Pipeline
+from agent.watch import Watcher
+
+log = logging.getLogger("adw_agent.app")
+
+_STORAGE_RETRY = 1.0
+_MISSING_DIR_POLL = 1.0
+
+
+@dataclass
+class _Retry:
+    due: float
+    attempts: int = 0
+
+
+@dataclass
+class _Timers:
+    heartbeat: float = 0.0
+    rescan: float = 0.0
+    resync: float = 0.0
+    watchdog: float = 0.0
+    retries: dict[str, _Retry] = field(default_factory=dict)
+
+
+class Agent:
+    """One agent for one run directory."""
+
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.should_exit = asyncio.Event()
+        self._reload = False
+        self._changed = asyncio.Event()
+        self._pending: set[str] = set()
+        self._last_change = 0.0
+        self._timers = _Timers()
+        self._storage_error: str | None = None
+        self._dir_ino: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT. Returns the process exit code."""
+        self._loop = asyncio.get_running_loop()
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+        except AgentError as exc:
+            log.error("startup failed: %s", exc)
+            await self._close()
+            return 78 if isinstance(exc, ConfigError) else 1
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def startup(self) -> None:
+        cfg = self.config
+        self.store = Store(cfg.storage.dir, cfg.adw_id, cfg.storage.synchronous)
+        self.pipeline = Pipeline(cfg, self.store)
+        self.client = build_client(cfg)
+        self.sender = Sender(cfg, self.store, self.client)
+        self.watcher = Watcher(cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice)
+        self._start_watcher()
+        self._status("starting")
+        self.pipeline.snapshot()
+        self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
+        self.sender.wake()
+        now = time.monotonic()
+        self._timers.heartbeat = now + cfg.intervals.heartbeat
+        self._timers.rescan = now + cfg.watch.rescan_interval
+        self._timers.resync = now + cfg.intervals.resync if cfg.intervals.resync else float("inf")
+        self._timers.watchdog = now
+        self.notifier.send("READY=1", self._status_line())
+        log.info(
+            "agent started",
+            extra={
+                "version": __version__,
+                "run_dir": str(cfg.adw.dir),
+                "watch": self.watcher.active,
+                "backend": cfg.backend.url,
+            },
+        )
+
+    async def main_loop(self) -> None:
+        while not self.should_exit.is_set():
+            await self._wait(self._next_deadline())
+            if self.should_exit.is_set():
+                break
+            try:
+                await self._tick()
+            except AgentError as exc:
+                log.error("error in the main loop: %s", exc)
+            except Exception:
+                log.exception("unexpected error in the main loop; continuing")
+                await asyncio.sleep(0.1)
+
+    async def shutdown(self) -> None:
+        log.info("shutting down", extra={"drain_timeout": self.config.delivery.drain_timeout})
+        self.notifier.send("STOPPING=1")
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        if hasattr(self, "pipeline"):
+            try:
+                if self._pending:
+                    self._process(self._take_pending())
+                self._status("stopping")
+            except AgentError as exc:
+                log.error("could not record the last changes: %s", exc)
+        task = getattr(self, "sender_task", None)
+        if task is not None:
+            self.sender.wake()
+            deadline = time.monotonic() + self.config.delivery.drain_timeout
+            while not task.done() and time.monotonic() < deadline and not self._drained():
+                await asyncio.sleep(0.02)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            left = self.store.stats()["outbox_depth"]
+            if left:
+                log.warning("stopped with %d events undelivered; they are sent on next start", left)
+        await self._close()
+
+    async def _close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.aclose()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+        self.notifier.close()
+
+    def _drained(self) -> bool:
+        try:
+            return self.sender.idle()
+        except Exception:
+            return False
+
+    # -- signals and reload -----------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.should_exit.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+
+    def _request_reload(self) -> None:
+        self._reload = True
+        self._changed.set()
+
+    async def _apply_reload(self) -> None:
+        self._reload = False
+        source = self.config.source
+        if source is None:
+            return
+        try:
+            new = config_module.load(source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        if (new.adw, new.storage, new.watch.mode) != (
+            self.config.adw,
+            self.config.storage,
+            self.config.watch.mode,
+        ):
+            log.warning("adw.*, storage.* and watch.mode changes take effect only on restart")
+            new = new.model_copy(update={"adw": self.config.adw, "storage": self.config.storage})
+        old = self.sender.replace_client(new, build_client(new))
+        await old.aclose()
+        self.config = new
+        self.pipeline.config = new
+        log.info("configuration reloaded", extra={"backend": new.backend.url})
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _notice(self, path: str) -> None:
+        """Called on watchdog's thread for every relevant filesystem event."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._note, path)
+
+    def _note(self, path: str) -> None:
+        key = self.pipeline.classify(path)
+        if key is None:
+            return
+        self._pending.add(key)
+        self._last_change = time.monotonic()
+        self._changed.set()
+
+    def _next_deadline(self) -> float:
+        t = self._timers
+        deadlines = [t.heartbeat, t.rescan, t.resync]
+        deadlines += [r.due for r in t.retries.values()]
+        if self.notifier.watchdog_interval is not None:
+            deadlines.append(t.watchdog)
+        return min(deadlines)
+
+    async def _wait(self, deadline: float) -> None:
+        timeout = max(0.0, deadline - time.monotonic())
+        if self._changed.is_set():
+            return
+        waiters = [
+            asyncio.create_task(self._changed.wait()),
+            asyncio.create_task(self.should_exit.wait()),
+        ]
+        _, pending = await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
+        for task in pending:
+            task.cancel()
+
+    async def _debounce(self) -> None:
+        window = self.config.watch.debounce_ms / 1000
+        if window <= 0:
+            return
+        give_up = time.monotonic() + window * 20
+        while True:
+            quiet_at = self._last_change + window
+            now = time.monotonic()
+            if now >= quiet_at or now >= give_up:
+                return
+            await asyncio.sleep(min(quiet_at, give_up) - now)
+
+    def _take_pending(self) -> set[str]:
+        keys, self._pending = self._pending, set()
+        self._changed.clear()
+        return keys
+
+    async def _tick(self) -> None:
+        if self._reload:
+            await self._apply_reload()
+        if self._pending:
+            await self._debounce()
+            self._process(self._take_pending())
+        else:
+            self._changed.clear()
+        now = time.monotonic()
+        t = self._timers
+        due = [k for k, r in t.retries.items() if r.due <= now]
+        if due:
+            self._process(set(due))
+        if now >= t.rescan:
+            t.rescan = now + self.config.watch.rescan_interval
+            self._reconcile()
+        if now >= t.resync:
+            t.resync = now + self.config.intervals.resync
+            self.pipeline.snapshot()
+            self.sender.wake()
+        if now >= t.heartbeat:
+            t.heartbeat = now + self.config.intervals.heartbeat
+            self._status("running")
+        if self.notifier.watchdog_interval is not None and now >= t.watchdog:
+            t.watchdog = now + self.notifier.watchdog_interval
+            if self.watcher.alive() and not self.sender_task.done():
+                self.notifier.send("WATCHDOG=1", self._status_line())
+            else:
+                log.error("watcher or sender is not running; withholding the watchdog ping")
+
+    def _process(self, keys: set[str]) -> None:
+        try:
+            outcome = self.pipeline.process(keys)
+        except StorageError as exc:
+            self._storage_failed(exc, keys)
+            return
+        self._storage_ok()
+        retries = self._timers.retries
+        now = time.monotonic()
+        for key in keys:
+            if key not in outcome.retry:
+                retries.pop(key, None)
+        for key in outcome.retry:
+            entry = retries.setdefault(key, _Retry(now))
+            entry.attempts += 1
+            if entry.attempts > self.config.watch.parse_retries:
+                self.pipeline.report_unreadable(key)
+                retries.pop(key)
+            else:
+                entry.due = now + self.config.watch.parse_retry_ms / 1000
+        if outcome.more:
+            self._pending |= outcome.more
+            self._changed.set()
+        if outcome.emitted:
+            self.sender.wake()
+
+    # -- storage health ---------------------------------------------------------------------
+
+    def _storage_failed(self, exc: StorageError, keys: set[str]) -> None:
+        if self._storage_error is None:
+            log.error(
+                "cannot write the store under %s: %s. Changes are kept and read again when "
+                "it recovers",
+                self.config.storage.dir,
+                exc,
+            )
+        self._storage_error = str(exc)
+        self._pending |= keys
+        retry = self._timers.retries.setdefault("storage", _Retry(0.0))
+        retry.due = time.monotonic() + _STORAGE_RETRY
+        retry.attempts = 0
+
+    def _storage_ok(self) -> None:
+        if self._storage_error is not None:
+            log.warning("the store is writable again")
+            self._storage_error = None
+        self._timers.retries.pop("storage", None)
+
+    # -- periodic work ----------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Catch what inotify missed (overflow, a replaced run directory) and heal the watcher."""
+        run_dir = self.config.adw.dir
+        try:
+            ino: int | None = os.stat(run_dir).st_ino
+        except OSError:
+            ino = None
+        if ino is None:
+            if self.watcher.alive():
+                log.warning(
+                    "the run directory is gone; waiting for it", extra={"path": str(run_dir)}
+                )
+                self.watcher.stop()
+            self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
+            return
+        if ino != self._dir_ino or not self.watcher.alive():
+            log.info("watching the run directory again", extra={"path": str(run_dir)})
+            self.watcher.stop()
+            self._start_watcher()
+        self._process({"rescan"})
+
+    def _start_watcher(self) -> None:
+        try:
+            self._dir_ino = os.stat(self.config.adw.dir).st_ino
+            self.watcher.start()
+        except OSError as exc:
+            if self.config.watch.mode == "inotify":
+                raise ConfigError(f"watch.mode = 'inotify' but inotify failed: {exc}") from None
+            log.error("cannot watch %s: %s", self.config.adw.dir, exc)
+            self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
+
+    def _status(self, state: str) -> None:
+        stats = self.store.stats()
+        data: dict[str, Any] = {
+            "state": state,
+            "version": __version__,
+            "adw_id": self.config.adw_id,
+            "outbox_depth": stats["outbox_depth"],
+            "oldest_undelivered_age": stats["oldest_undelivered_age"],
+            "last_delivery_error": self.sender.last_error,
+            "storage_error": self._storage_error,
+            "dead_letters": stats["dead_letters"],
+        }
+        try:
+            with self.store.transaction() as tx:
+                tx.emit("agent_status", data, "event")
+            self.store.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid()})
+        except StorageError as exc:
+            self._storage_failed(exc, set())
+            log.error("agent status could not be queued", extra={"storage_error": str(exc)})
+            return
+        self.sender.wake()
+
+    def _status_line(self) -> str:
+        try:
+            depth = self.store.stats()["outbox_depth"]
+        except Exception:
+            depth = -1
+        return f"STATUS=watching {self.config.adw.dir.name}; outbox depth {depth}"
+
+
+async def serve(config: Config) -> int:
+    return await Agent(config).run()
+
+
+def run(config: Config) -> int:
+    """Run the agent to completion in a fresh event loop."""
+    return asyncio.run(serve(config))

@@ -1,0 +1,216 @@
+"""Delivering queued events to the backend, in seq order, over one keep-alive connection.
+
+The sender takes the oldest event in the outbox and POSTs it until the backend answers. Retryable
+failures (see :mod:`agent.errors`) are retried with capped exponential backoff and jitter, for
+ever, honouring ``Retry-After``; a permanent rejection moves the event to the dead letters. Only a
+2xx removes an event from the outbox, so a crash at any point means it is sent again, with the
+same ``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import ssl
+import time
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential_jitter,
+)
+from tenacity.wait import wait_base
+
+from agent import __version__
+from agent.config import Config
+from agent.errors import PermanentDelivery, RetryableDelivery, StorageError
+from agent.outbox import Queued, Store
+
+log = logging.getLogger("adw_agent.deliver")
+
+RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
+MAX_RETRY_AFTER = 600.0
+_RESPONSE_EXCERPT = 2000
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def classify(response: httpx.Response) -> None:
+    """Raise the delivery error a non-2xx response means; return for a 2xx."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    body = response.text[:_RESPONSE_EXCERPT]
+    if status in RETRYABLE_STATUS or status >= 500:
+        raise RetryableDelivery(
+            f"backend answered {status}",
+            status,
+            body,
+            retry_after_seconds(response.headers.get("retry-after")),
+        )
+    raise PermanentDelivery(f"backend rejected the event with {status}", status, body)
+
+
+class _Backoff(wait_base):
+    """Exponential backoff with jitter, unless the backend said when to come back."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._exp = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, RetryableDelivery) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(self._exp(retry_state))
+
+
+def build_client(config: Config) -> httpx.AsyncClient:
+    """One keep-alive client for the agent's lifetime; TLS verification always on."""
+    verify: ssl.SSLContext | bool = True
+    if config.backend.ca_bundle is not None:
+        verify = ssl.create_default_context(cafile=str(config.backend.ca_bundle))
+    headers = {"Content-Type": "application/json", "User-Agent": f"adw-agent/{__version__}"}
+    if config.token is not None:
+        headers["Authorization"] = f"Bearer {config.token.get_secret_value()}"
+    return httpx.AsyncClient(
+        base_url=config.backend.url,
+        headers=headers,
+        verify=verify,
+        timeout=httpx.Timeout(config.backend.timeout, connect=config.backend.connect_timeout),
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        trust_env=False,
+    )
+
+
+class Sender:
+    """Moves events from the outbox to the backend. Runs as one task on the event loop."""
+
+    def __init__(self, config: Config, store: Store, client: httpx.AsyncClient) -> None:
+        self._config = config
+        self._store = store
+        self._client = client
+        self._wake = asyncio.Event()
+        self._auth_warned = False
+        self.last_error: str | None = None
+        self.last_success: float | None = None
+        self.delivered = 0
+
+    def wake(self) -> None:
+        """New events were queued."""
+        self._wake.set()
+
+    def replace_client(self, config: Config, client: httpx.AsyncClient) -> httpx.AsyncClient:
+        """Use a new backend configuration from the next attempt on; returns the old client."""
+        old, self._client, self._config = self._client, client, config
+        return old
+
+    async def run(self) -> None:
+        while True:
+            try:
+                event = self._store.head()
+            except StorageError as exc:
+                log.error("cannot read the outbox: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if event is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._deliver(event)
+
+    def idle(self) -> bool:
+        """Nothing left to send."""
+        return self._store.head() is None
+
+    async def _deliver(self, event: Queued) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RetryableDelivery),
+            wait=_Backoff(self._config.delivery.backoff_initial, self._config.delivery.backoff_max),
+            stop=stop_never,
+            before_sleep=lambda state: self._failed(event, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._post(event)
+        except PermanentDelivery as exc:
+            log.error(
+                "event dead-lettered: %s",
+                exc,
+                extra=_fields(event, status=exc.status, response=exc.body[:200]),
+            )
+            self.last_error = str(exc)
+            self._store.dead_letter(event, exc.status, exc.body)
+            return
+        self._store.ack(event.seq)
+        self._auth_warned = False
+        self.last_error = None
+        self.last_success = time.time()
+        self.delivered += 1
+
+    async def _post(self, event: Queued) -> None:
+        path = self._config.backend.event_path.replace("{type}", event.type)
+        started = time.perf_counter()
+        try:
+            response = await self._client.post(
+                path, content=event.body, headers={"Idempotency-Key": event.event_id}
+            )
+        except httpx.TimeoutException as exc:
+            raise RetryableDelivery(f"timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise RetryableDelivery(f"connection failed ({type(exc).__name__})") from None
+        classify(response)
+        log.debug(
+            "event delivered",
+            extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),
+        )
+
+    def _failed(self, event: Queued, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        message = str(exc)
+        self.last_error = message
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        fields = _fields(event, attempt=state.attempt_number, retry_in=round(wait, 3))
+        if isinstance(exc, RetryableDelivery) and exc.status in (401, 403):
+            if not self._auth_warned:
+                self._auth_warned = True
+                log.error(
+                    "backend refused the credentials (%s); check the token "
+                    "(backend.token_file, ADW_AGENT_TOKEN or the adw-token credential). "
+                    "Events are kept and retried",
+                    exc.status,
+                    extra=fields,
+                )
+        elif state.attempt_number == 1 or state.attempt_number % 10 == 0:
+            log.warning("delivery failed, will retry: %s", message, extra=fields)
+        try:
+            self._store.record_failure(event.seq, message)
+        except StorageError as err:
+            log.error("cannot record the failed attempt: %s", err)
+
+
+def _fields(event: Queued, **more: Any) -> dict[str, Any]:
+    return {"event_type": event.type, "event_id": event.event_id, "seq": event.seq, **more}

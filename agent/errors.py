@@ -1,0 +1,69 @@
+"""The agent's exceptions, and what each one means for the event it concerns.
+
+::
+
+    AgentError
+    ├── ConfigError          bad configuration; the CLI exits 78 (EX_CONFIG) with one line
+    ├── StorageError         the durable store cannot be written (disk full, read-only, locked);
+    │                        nothing is acknowledged, the change is read again later
+    ├── ReadError            a run-directory file is unreadable or malformed right now;
+    │                        retried shortly, then a warning, and the last good state stays
+    └── DeliveryError        one POST of one event failed
+        ├── RetryableDelivery    connection error, timeout, 401/403, 408, 425, 429, 5xx:
+        │                        retried with backoff for ever, the event stays queued
+        └── PermanentDelivery    any other non-2xx: the event is dead-lettered with the
+                                 response and delivery of later events continues
+
+Loop boundaries (the change loop, the sender, the heartbeat) catch ``AgentError``, log it with
+context and carry on. Only startup turns an error into an exit code.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class of every error the agent expects and handles."""
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid. ``str()`` is the one line shown to the user."""
+
+
+class StorageError(AgentError):
+    """The durable store under ``storage.dir`` cannot be written."""
+
+
+class ReadError(AgentError):
+    """A file of the run directory cannot be read or parsed at the moment."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class DeliveryError(AgentError):
+    """A delivery attempt failed; ``status`` is the HTTP status, or None without a response."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class RetryableDelivery(DeliveryError):
+    """The backend may accept the event later; ``retry_after`` is its hint in seconds."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        body: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status, body)
+        self.retry_after = retry_after
+
+
+class PermanentDelivery(DeliveryError):
+    """The backend rejected this event for good."""

@@ -1,0 +1,120 @@
+"""The events the agent sends: one envelope, one typed ``data`` model per event type.
+
+Every event is POSTed as JSON to ``{backend.url}{backend.event_path}`` with ``{type}`` filled in.
+``event_id`` never changes across retries and is sent as the ``Idempotency-Key`` header, so a
+backend that deduplicates by it sees each event once. ``seq`` strictly increases per ADW and
+survives restarts; a gap means a coalesced snapshot was replaced by a later one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EventType = Literal[
+    "workflow_update", "phase_update", "workflow_failed", "cost_update", "agent_status"
+]
+Source = Literal["event", "sync"]
+
+#: Snapshots carry the whole current picture, so an unsent one can be replaced by a later one.
+#: Failures and phase transitions are facts that happened once: they are never coalesced.
+COALESCIBLE: frozenset[str] = frozenset({"workflow_update", "cost_update", "agent_status"})
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkflowUpdate(BaseModel):
+    """Every field of ``adw_state.json`` that is present, flat, plus ``changed``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    changed: list[str] = Field(
+        description="Keys that differ from the last state the agent emitted (all keys at first)."
+    )
+
+
+class PhaseUpdate(_Data):
+    current_phase: str | None
+    status: Literal["running", "completed"]
+    completed_phases: list[str]
+    phase_cost: float | None = Field(
+        default=None,
+        description="Cost accrued while the phase that just completed was current.",
+    )
+    completed_phase: str | None = Field(
+        default=None, description="The phase this update completes, if any."
+    )
+
+
+class WorkflowFailed(_Data):
+    reason: str
+    error_excerpt: str = Field(description="The last lines of error.log, bounded in size.")
+    current_phase: str | None
+
+
+class Breakdown(_Data):
+    by_agent: dict[str, float]
+    by_model: dict[str, float]
+    by_phase: dict[str, float]
+
+
+class TokenCounts(_Data):
+    input: int
+    output: int
+    cache_creation: int
+    cache_read: int
+
+
+class CostUpdate(_Data):
+    current_cost: float = Field(description="Cumulative USD for the ADW.")
+    cost_delta: float = Field(
+        description="Change since the previous cost_update; negative only when a result line "
+        "corrects an estimate."
+    )
+    final: bool = Field(description="Every transcript's latest attempt has a result line.")
+    current_phase: str | None
+    estimate_complete: bool
+    breakdown: Breakdown
+    tokens: TokenCounts
+
+
+class AgentStatus(_Data):
+    state: Literal["starting", "running", "stopping"]
+    version: str
+    adw_id: str
+    outbox_depth: int
+    oldest_undelivered_age: float | None = Field(description="Seconds, or null when empty.")
+    last_delivery_error: str | None
+    storage_error: str | None = None
+    dead_letters: int = 0
+
+
+DATA_MODELS: dict[str, type[BaseModel]] = {
+    "workflow_update": WorkflowUpdate,
+    "phase_update": PhaseUpdate,
+    "workflow_failed": WorkflowFailed,
+    "cost_update": CostUpdate,
+    "agent_status": AgentStatus,
+}
+
+
+class Event(BaseModel):
+    """The envelope. ``data`` is one of the models above, by ``type``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: EventType
+    event_id: str
+    adw_id: str
+    seq: int = Field(ge=1)
+    timestamp: str = Field(description="ISO 8601, UTC, when the agent observed the change.")
+    source: Source
+    data: dict[str, Any]
+
+
+def check_data(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``data`` against its model and return it as plain JSON data."""
+    return DATA_MODELS[event_type].model_validate(data).model_dump(mode="json")

@@ -1,0 +1,325 @@
+"""The durable store: outbox, dead letters and everything the readers have consumed.
+
+One SQLite database per agent under ``storage.dir``. An event is inserted in the same transaction
+that records what was read to produce it (file snapshots, transcript offsets, cost ledgers), so a
+``kill -9`` at any instant leaves either both or neither: the change is then read again, and it is
+never queued twice under two ids. An event leaves the outbox only when the backend answered 2xx.
+
+Coalescing: an unsent snapshot (``events.COALESCIBLE``) is replaced by a newer one of the same
+type. "Unsent" means newer than anything the sender has picked up in this process; at startup
+every queued event counts as possibly sent, because the backend may hold it under its id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from agent.errors import StorageError
+from agent.events import COALESCIBLE, Source, check_data
+
+DB_NAME = "agent.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    created REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    status INTEGER,
+    response TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One event waiting in the outbox."""
+
+    seq: int
+    event_id: str
+    type: str
+    created: float
+    attempts: int
+    body: bytes
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _storage_error(exc: sqlite3.Error) -> StorageError:
+    return StorageError(f"storage write failed: {exc}")
+
+
+class Transaction:
+    """Reads and writes inside one SQLite transaction; see :meth:`Store.transaction`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._db = store.db
+        self.emitted: list[int] = []
+
+    def get(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM files WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get_json(self, key: str) -> Any:
+        raw = self.get(key)
+        return None if raw is None else orjson.loads(raw)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO files (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.put(key, orjson.dumps(value))
+
+    def delete(self, key: str) -> None:
+        self._db.execute("DELETE FROM files WHERE key = ?", (key,))
+
+    def emit(self, event_type: str, data: dict[str, Any], source: Source = "event") -> int:
+        """Queue an event; returns its seq. ``data`` is validated against its model."""
+        data = check_data(event_type, data)
+        if event_type in COALESCIBLE:
+            data = self._coalesce(event_type, data)
+        seq = self._next_seq()
+        event = {
+            "type": event_type,
+            "event_id": str(uuid.uuid4()),
+            "adw_id": self._store.adw_id,
+            "seq": seq,
+            "timestamp": utc_now(),
+            "source": source,
+            "data": data,
+        }
+        self._db.execute(
+            "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
+            (seq, event["event_id"], event_type, time.time(), orjson.dumps(event)),
+        )
+        self.emitted.append(seq)
+        return seq
+
+    def _next_seq(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        seq = (int(row[0]) if row else 0) + 1
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('seq', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (seq,),
+        )
+        return seq
+
+    def _coalesce(self, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
+            (event_type, self._store.sent_floor),
+        ).fetchone()
+        if row is None:
+            return data
+        old = orjson.loads(row[1])["data"]
+        if event_type == "workflow_update":
+            changed = list(old.get("changed", []))
+            changed += [k for k in data.get("changed", []) if k not in changed]
+            data = {**data, "changed": changed}
+        elif event_type == "cost_update":
+            data = {**data, "cost_delta": old["cost_delta"] + data["cost_delta"]}
+        self._db.execute("DELETE FROM outbox WHERE seq = ?", (row[0],))
+        return data
+
+
+class Store:
+    """The SQLite database of one agent. Not thread-safe: use it from the event loop only."""
+
+    def __init__(self, directory: Path, adw_id: str, synchronous: Literal["full", "normal"]):
+        self.path = directory / DB_NAME
+        self.adw_id = adw_id
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(self.path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            self.db.executescript(_SCHEMA)
+            owner = self.meta("adw_id")
+            if owner is None:
+                self.set_meta("adw_id", adw_id)
+            elif owner != adw_id:
+                raise StorageError(
+                    f"{directory} holds the state of ADW {owner!r}, not {adw_id!r}; "
+                    "give each agent its own storage.dir"
+                )
+            row = self.db.execute("SELECT MAX(seq) FROM outbox").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open the store at {self.path}: {exc}") from None
+        #: Events with seq <= sent_floor may have reached the backend: never alter them.
+        self.sent_floor: int = int(row[0] or 0)
+
+    @classmethod
+    def inspect(cls, directory: Path) -> sqlite3.Connection:
+        """A connection for status tools that never changes what a running agent sees."""
+        path = directory / DB_NAME
+        if not path.is_file():
+            raise StorageError(f"no agent store at {path}: the agent has not run yet")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db.execute("PRAGMA busy_timeout = 5000")
+        return db
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """All reads and writes inside commit together or not at all."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        tx = Transaction(self)
+        try:
+            yield tx
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _storage_error(exc) from None
+            raise
+
+    def meta(self, key: str) -> Any:
+        return read_meta(self.db, key)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, orjson.dumps(value)),
+            )
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+
+    def head(self) -> Queued | None:
+        """The oldest queued event, or None."""
+        row = self.db.execute(
+            "SELECT seq, event_id, type, created, attempts, body FROM outbox ORDER BY seq LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        self.sent_floor = max(self.sent_floor, row[0])
+        return Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
+
+    def ack(self, seq: int) -> None:
+        """The backend accepted the event: it leaves the outbox."""
+        with self.transaction():
+            self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            self.set_meta("last_delivery", {"at": time.time(), "result": "ok", "seq": seq})
+
+    def record_failure(self, seq: int, error: str) -> None:
+        """Remember a failed attempt (for status); the event stays queued."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
+                (error, seq),
+            )
+            self.set_meta("last_delivery", {"at": time.time(), "result": error, "seq": seq})
+
+    def dead_letter(self, event: Queued, status: int | None, response: str) -> None:
+        """Move a rejected event out of the outbox, keeping the backend's answer."""
+        with self.transaction():
+            self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
+            self.db.execute(
+                "INSERT OR REPLACE INTO dead_letters "
+                "(seq, event_id, type, created, failed_at, status, response, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.seq,
+                    event.event_id,
+                    event.type,
+                    event.created,
+                    time.time(),
+                    status,
+                    response,
+                    event.body,
+                ),
+            )
+            self.set_meta(
+                "last_delivery",
+                {"at": time.time(), "result": f"dead-lettered ({status})", "seq": event.seq},
+            )
+
+    def requeue(self, seq: int | None = None) -> int:
+        """Put dead letters (one, or all with ``seq=None``) back in the outbox, in seq order.
+
+        They keep their event_id and seq, so the backend can still deduplicate them.
+        """
+        where, args = ("WHERE seq = ?", (seq,)) if seq is not None else ("", ())
+        with self.transaction():
+            rows = self.db.execute(
+                f"SELECT seq, event_id, type, created, body FROM dead_letters {where}",  # noqa: S608
+                args,
+            ).fetchall()
+            for row in rows:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO outbox (seq, event_id, type, created, body) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    row,
+                )
+                self.db.execute("DELETE FROM dead_letters WHERE seq = ?", (row[0],))
+        return len(rows)
+
+    def stats(self) -> dict[str, Any]:
+        return outbox_stats(self.db)
+
+
+def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:
+    """Outbox depth per type, oldest age and dead-letter count, for status and heartbeats."""
+    now = time.time()
+    by_type = dict(db.execute("SELECT type, COUNT(*) FROM outbox GROUP BY type").fetchall())
+    oldest = db.execute("SELECT MIN(created) FROM outbox").fetchone()[0]
+    dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    return {
+        "outbox_depth": sum(by_type.values()),
+        "outbox_by_type": by_type,
+        "oldest_undelivered_age": None if oldest is None else round(now - oldest, 3),
+        "dead_letters": dead,
+    }
+
+
+def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = db.execute(
+        "SELECT seq, event_id, type, failed_at, status, response FROM dead_letters ORDER BY seq"
+    ).fetchall()
+    keys = ("seq", "event_id", "type", "failed_at", "status", "response")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def read_meta(db: sqlite3.Connection, key: str) -> Any:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else orjson.loads(row[0])

@@ -1,0 +1,129 @@
+"""Noticing changes in the run directory: inotify through watchdog, or polling as a fallback.
+
+The watcher only reports *which* paths changed; reading them is the pipeline's job. Callbacks run
+on watchdog's thread, so the caller hands them to its event loop. Opens and non-writing closes
+are filtered out at the source: the agent's own reads would otherwise wake it up again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger("adw_agent.watch")
+
+_EVENTS = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+_EXHAUSTED = {errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+WatchMode = Literal["auto", "inotify", "poll"]
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, on_change: Callable[[str], None]) -> None:
+        self._on_change = on_change
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._on_change(_text(event.src_path))
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self._on_change(_text(dest))
+
+
+def _text(path: str | bytes) -> str:
+    return path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+
+
+def _inotify_observer() -> BaseObserver:
+    from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415  (Linux only)
+
+    return InotifyObserver()
+
+
+class Watcher:
+    """Watches ``root`` recursively and calls ``on_change(path)`` for every relevant event."""
+
+    def __init__(
+        self,
+        root: Path,
+        mode: WatchMode,
+        poll_interval: float,
+        on_change: Callable[[str], None],
+    ) -> None:
+        self.root = root
+        self.mode = mode
+        self.poll_interval = poll_interval
+        self._on_change = on_change
+        self._observer: BaseObserver | None = None
+        #: The mechanism actually in use: "inotify" or "poll".
+        self.active: Literal["inotify", "poll"] | None = None
+
+    def start(self) -> None:
+        """Start watching. In ``auto`` mode an exhausted inotify falls back to polling."""
+        if self.mode != "poll":
+            try:
+                self._start(_inotify_observer(), "inotify")
+                return
+            except OSError as exc:
+                if self.mode == "inotify" or exc.errno not in _EXHAUSTED | {errno.ENOSYS}:
+                    raise
+                log.warning(
+                    "inotify is unavailable (%s); falling back to polling every %.1fs. "
+                    "Raise fs.inotify.max_user_watches / fs.inotify.max_user_instances "
+                    "(sysctl) to get millisecond latency back",
+                    exc.strerror,
+                    self.poll_interval,
+                    extra={"path": str(self.root)},
+                )
+        self._start(PollingObserver(timeout=self.poll_interval), "poll")
+
+    def _start(self, observer: BaseObserver, kind: Literal["inotify", "poll"]) -> None:
+        observer.schedule(
+            _Handler(self._on_change),
+            str(self.root),
+            recursive=True,
+            event_filter=_EVENTS,
+        )
+        observer.daemon = True
+        try:
+            observer.start()
+        except BaseException:
+            observer.stop()
+            raise
+        self._observer = observer
+        self.active = kind
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=2.0)
