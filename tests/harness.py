@@ -1,0 +1,328 @@
+"""Real parts for integration tests: a scriptable backend, the agent as a process, an ADW writer.
+
+Nothing here mocks the agent. The backend is a real HTTP server on 127.0.0.1 (port 0) that can
+answer any status, send ``Retry-After``, hang, reset the connection or answer slowly. The agent
+runs as ``python -m agent run`` in its own process. The writer changes files the way
+tac-webbuilder does: in place (``open(path, "w")``), sometimes in two halves, transcripts
+appended line by line and truncated on retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+# -- backend ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """How the backend answers one request."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b'{"ok":true}'
+    delay: float = 0.0  # answer after this many seconds ("slow" or, past the timeout, "hang")
+    reset: bool = False  # close the connection with RST instead of answering
+
+
+Policy = Callable[[dict[str, Any]], Reply]
+
+
+@dataclass
+class Received:
+    event: dict[str, Any]
+    headers: dict[str, str]
+    path: str
+    at: float  # time.time() when the request was read
+    status: int
+
+
+class Backend:
+    """A real HTTP backend that records every request and answers as ``policy`` says."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[Received] = []
+        self.accepted: dict[str, dict[str, Any]] = {}  # event_id -> event (2xx answered)
+        self.order: list[str] = []  # event_ids in first-accepted order
+        self.policy: Policy = lambda event: Reply()
+        self._cond = threading.Condition()
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.server.daemon_threads = True
+        self.server.allow_reuse_address = True
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # what the tests look at
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Accepted events, deduplicated by event_id, in the order first accepted."""
+        with self._cond:
+            out = [self.accepted[i] for i in self.order]
+        return [e for e in out if kind is None or e["type"] == kind]
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """Block until ``predicate(accepted events)`` holds; fail the test on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                events = [self.accepted[i] for i in self.order]
+                if predicate(events):
+                    return events
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    kinds = [(e["seq"], e["type"]) for e in events]
+                    raise AssertionError(f"timed out waiting; accepted so far: {kinds}")
+                self._cond.wait(left)
+
+    def wait_requests(self, n: int, timeout: float = 20.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.requests) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out: {len(self.requests)} of {n} requests")
+                self._cond.wait(left)
+            return list(self.requests)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                event = json.loads(body)
+                reply = backend.policy(event)
+                with backend._cond:
+                    backend.requests.append(
+                        Received(event, dict(self.headers), self.path, time.time(), reply.status)
+                    )
+                    backend._cond.notify_all()
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.reset:
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                try:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except OSError:
+                    return  # the client gave up (timeout): nothing was accepted
+                if 200 <= reply.status < 300:
+                    with backend._cond:
+                        if event["event_id"] not in backend.accepted:
+                            backend.accepted[event["event_id"]] = event
+                            backend.order.append(event["event_id"])
+                        backend._cond.notify_all()
+
+        return Handler
+
+
+# -- the agent as a process ----------------------------------------------------------------
+
+
+def write_config(path: Path, run_dir: Path, storage: Path, url: str, **sections: dict[str, Any]) -> Path:
+    """A TOML config; ``sections`` adds or overrides keys, e.g. ``watch={"debounce_ms": 0}``."""
+    data: dict[str, dict[str, Any]] = {
+        "adw": {"dir": str(run_dir)},
+        "backend": {"url": url},
+        "storage": {"dir": str(storage)},
+        "delivery": {"backoff_initial": 0.05, "backoff_max": 1.0, "drain_timeout": 2.0},
+        "log": {"level": "debug"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in data.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProcess:
+    """``python -m agent run --config F`` as a child process, its stderr kept in a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=self.env,
+            )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        """Wait for a log line; the agent writes them unbuffered, so this follows the file."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.logs():
+                if predicate(entry):
+                    return entry
+            if not self.running():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"log line not found; log: {self.log.read_text()[-3000:]}")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+# -- writing an ADW run like tac-webbuilder does ------------------------------------------
+
+
+class AdwWriter:
+    """Writes the files of one run directory the way the orchestrator does."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, name: str, data: Any, halves: bool = False, pause: float = 0.1) -> None:
+        """``open(path, "w")`` then ``json.dump(data, f, indent=2)``: in place, no temp file."""
+        text = json.dumps(data, indent=2)
+        with (self.run_dir / name).open("w") as f:
+            if halves:
+                f.write(text[: len(text) // 2])
+                f.flush()
+                time.sleep(pause)
+                f.write(text[len(text) // 2 :])
+            else:
+                f.write(text)
+
+    def state(self, data: dict[str, Any], **kw: Any) -> None:
+        self.write_json("adw_state.json", data, **kw)
+
+    def phases(self, completed: list[str], current: str | None) -> None:
+        self.write_json(
+            "completed_phases.json",
+            {"completed": completed, "current": current, "last_updated": "2026-01-01T00:00:00"},
+        )
+
+    def error_log(self, text: str) -> None:
+        with (self.run_dir / "error.log").open("a") as f:
+            f.write(text)
+
+    def transcript(self, agent: str) -> Path:
+        (self.run_dir / agent).mkdir(exist_ok=True)
+        return self.run_dir / agent / "raw_output.jsonl"
+
+    def start_attempt(self, agent: str) -> None:
+        """The orchestrator opens the transcript with "w" for every attempt."""
+        self.transcript(agent).write_bytes(b"")
+
+    def append(self, agent: str, *lines: bytes | dict[str, Any]) -> None:
+        with self.transcript(agent).open("ab") as f:
+            for line in lines:
+                raw = line if isinstance(line, bytes) else json.dumps(line).encode() + b"\n"
+                f.write(raw)
+                f.flush()
+
+
+def fixture_lines(name: str) -> list[bytes]:
+    """The lines (with newlines) of a transcript fixture, found in either fixture folder."""
+    for folder in ("real", "claude_stream"):
+        path = FIXTURES / folder / name
+        if path.exists():
+            return path.read_bytes().splitlines(keepends=True)
+    raise FileNotFoundError(name)
+
+
+@contextlib.contextmanager
+def running_agent(config: Path, log: Path, **kw: Any) -> Iterator[AgentProcess]:
+    agent = AgentProcess(config, log, **kw).start()
+    try:
+        yield agent
+    finally:
+        if agent.running():
+            agent.proc.kill()  # type: ignore[union-attr]
+            agent.proc.wait(10)  # type: ignore[union-attr]
