@@ -36,7 +36,7 @@ from pydantic import (
 from agent.errors import ConfigError
 
 ENV_PREFIX = "ADW_AGENT_"
-TOKEN_ENV = "ADW_AGENT_TOKEN"
+TOKEN_ENV = "ADW_AGENT_TOKEN"  # noqa: S105  (a variable name, not a secret)
 CREDENTIAL_NAME = "adw-token"
 
 PositiveFloat = Annotated[float, Field(gt=0)]

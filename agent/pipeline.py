@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent.account import PriceTable, Prices, Tokens, TranscriptLedger, relevant
+from agent.account import Prices, PriceTable, Tokens, TranscriptLedger, relevant
 from agent.config import Config
 from agent.errors import ReadError
 from agent.events import Source
@@ -243,13 +243,13 @@ class Pipeline:
             self._failed_read("phases", exc)
             return
         self._warned.discard("read:phases")
-        now = {"completed": phases.completed, "current": phases.current}
+        now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
         previous = tx.get_json("phases") or {"completed": [], "current": None}
         if now == previous:
             return
         remaining = list(previous["completed"])
         newly: list[str] = []
-        for phase in now["completed"]:
+        for phase in phases.completed:
             if phase in remaining:
                 remaining.remove(phase)
             else:
@@ -399,7 +399,8 @@ class Pipeline:
                 entry.bad_lines += 1
                 self._warn_once(
                     f"badline:{agent}",
-                    "skipping a transcript line that is not a JSON object (more are counted silently)",
+                    "skipping a transcript line that is not a JSON object "
+                    "(later ones are only counted)",
                     path=str(entry.reader.path),
                 )
                 continue
@@ -460,7 +461,7 @@ class Pipeline:
                 "current_phase": self.current_phase(tx),
                 "estimate_complete": complete,
                 "breakdown": {
-                    "by_agent": {a: round(l.cost, 10) for a, l in sorted(ledgers.items())},
+                    "by_agent": {a: round(lg.cost, 10) for a, lg in sorted(ledgers.items())},
                     "by_model": {m: round(v, 10) for m, v in sorted(by_model.items())},
                     "by_phase": {p: round(v, 10) for p, v in sorted(by_phase.items())},
                 },

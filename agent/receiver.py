@@ -29,7 +29,10 @@ def describe(event: dict[str, Any]) -> str:
         if "status" in data:
             detail += f" (status={data['status']})"
     elif kind == "phase_update":
-        detail = f"{data.get('status')} current={data.get('current_phase')} done={data.get('completed_phases')}"
+        detail = (
+            f"{data.get('status')} current={data.get('current_phase')} "
+            f"done={data.get('completed_phases')}"
+        )
         if data.get("completed_phase"):
             detail += f" completed {data['completed_phase']} for ${data.get('phase_cost') or 0:.4f}"
     elif kind == "cost_update":
@@ -71,8 +74,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def record(self, event: dict[str, Any]) -> bool:
         """Keep a new event; False for one already seen."""

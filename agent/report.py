@@ -50,14 +50,16 @@ def print_cost_table(report: dict[str, Any]) -> None:
     rows = report["transcripts"]
     width = max([len(r["agent"]) for r in rows] + [5])
     print(
-        f"{'agent':<{width}}  {'cost (USD)':>12}  {'final':<5}  {'lines':>8}  tokens in/out/cache w/r"
+        f"{'agent':<{width}}  {'cost (USD)':>12}  {'final':<5}  {'lines':>8}  "
+        "tokens in/out/cache w/r"
     )
     for r in rows:
         t = r["tokens"]
         flag = "" if r["estimate_complete"] else "  (unknown model priced at fallback)"
         print(
             f"{r['agent']:<{width}}  {r['cost']:>12.6f}  {'yes' if r['final'] else 'no':<5}  "
-            f"{r['lines']:>8}  {t['input']}/{t['output']}/{t['cache_creation']}/{t['cache_read']}{flag}"
+            f"{r['lines']:>8}  "
+            f"{t['input']}/{t['output']}/{t['cache_creation']}/{t['cache_read']}{flag}"
         )
     print(
         f"{'total':<{width}}  {report['current_cost']:>12.6f}  {'yes' if report['final'] else 'no'}"

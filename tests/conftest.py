@@ -39,7 +39,9 @@ def start_agent(
     """Start the agent as a process; every agent started is killed at the end of the test."""
     started: list[AgentProcess] = []
 
-    def start(url: str | None = None, env: dict[str, str] | None = None, **sections: Any) -> AgentProcess:
+    def start(
+        url: str | None = None, env: dict[str, str] | None = None, **sections: Any
+    ) -> AgentProcess:
         config = write_config(
             tmp_path / "agent.toml", run_dir, tmp_path / "storage", url or backend.url, **sections
         )

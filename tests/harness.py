@@ -166,7 +166,9 @@ class Backend:
 # -- the agent as a process ----------------------------------------------------------------
 
 
-def write_config(path: Path, run_dir: Path, storage: Path, url: str, **sections: dict[str, Any]) -> Path:
+def write_config(
+    path: Path, run_dir: Path, storage: Path, url: str, **sections: dict[str, Any]
+) -> Path:
     """A TOML config; ``sections`` adds or overrides keys, e.g. ``watch={"debounce_ms": 0}``."""
     data: dict[str, dict[str, Any]] = {
         "adw": {"dir": str(run_dir)},
@@ -232,7 +234,9 @@ class AgentProcess:
                 out.append(json.loads(line))
         return out
 
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any]:
         """Wait for a log line; the agent writes them unbuffered, so this follows the file."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -245,7 +249,9 @@ class AgentProcess:
         raise AssertionError(f"log line not found; log: {self.log.read_text()[-3000:]}")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent", *args],
         cwd=ROOT,
