@@ -25,7 +25,7 @@ from agent.deliver import Sender, build_client
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.notify import Notifier
 from agent.outbox import Store
-from agent.pipeline import Pipeline
+from agent.pipeline import Outcome, Pipeline
 from agent.watch import Watcher
 
 log = logging.getLogger("adw_agent.app")
@@ -92,7 +92,7 @@ class Agent:
         self.watcher = Watcher(cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice)
         self._start_watcher()
         self._status("starting")
-        self.pipeline.snapshot()
+        self._handle(self.pipeline.all_keys(), self.pipeline.snapshot())
         self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
         self.sender.wake()
         now = time.monotonic()
@@ -271,8 +271,7 @@ class Agent:
             self._reconcile()
         if now >= t.resync:
             t.resync = now + self.config.intervals.resync
-            self.pipeline.snapshot()
-            self.sender.wake()
+            self._sync()
         if now >= t.heartbeat:
             t.heartbeat = now + self.config.intervals.heartbeat
             self._status("running")
@@ -289,6 +288,18 @@ class Agent:
         except StorageError as exc:
             self._storage_failed(exc, keys)
             return
+        self._handle(keys, outcome)
+
+    def _sync(self) -> None:
+        try:
+            outcome = self.pipeline.snapshot()
+        except StorageError as exc:
+            self._storage_failed(exc, {"rescan"})
+            return
+        self._handle(self.pipeline.all_keys(), outcome)
+
+    def _handle(self, keys: set[str], outcome: Outcome) -> None:
+        """Schedule parse retries and follow-up reads after a successful batch."""
         self._storage_ok()
         retries = self._timers.retries
         now = time.monotonic()

@@ -144,9 +144,11 @@ class Pipeline:
             raise
         return outcome
 
-    def snapshot(self) -> int:
-        """Queue the full picture as ``sync`` events, so a backend that missed some converges."""
-        self.process(self.all_keys())
+    def snapshot(self) -> Outcome:
+        """Queue the full picture as ``sync`` events, so a backend that missed some converges.
+
+        Changes made while the agent was down are first read as ordinary events."""
+        outcome = self.process(self.all_keys())
         with self.store.transaction() as tx:
             self._state(tx, "sync", Outcome(), force=True)
             phases = tx.get_json("phases")
@@ -161,7 +163,8 @@ class Pipeline:
                     "sync",
                 )
             self._cost(tx, "sync", force=True)
-            return len(tx.emitted)
+            outcome.emitted += len(tx.emitted)
+        return outcome
 
     def _expand(self, keys: Iterable[str]) -> set[str]:
         out: set[str] = set()
@@ -366,7 +369,9 @@ class Pipeline:
 
     def _transcript(self, tx: Transaction, key: str, outcome: Outcome) -> bool:
         agent = key.removeprefix("transcript:")
-        if safe_subdir(self.run_dir, agent) is None and tx.get(key) is None:
+        if safe_subdir(self.run_dir, agent) is None:
+            # Not a real directory (gone, a file, or a symlink that could lead outside the run
+            # directory): read nothing; what was counted from it stays in the store.
             if (self.run_dir / agent).is_symlink():
                 self._warn_once(
                     f"link:{agent}",
