@@ -5,7 +5,8 @@ Sources, later ones win:
 1. the TOML file given with ``--config``;
 2. environment variables ``ADW_AGENT_<SECTION>__<KEY>``, e.g. ``ADW_AGENT_BACKEND__URL`` or
    ``ADW_AGENT_WATCH__MODE``. A value is read as a TOML value when it parses as one
-   (``20``, ``1.5``, ``true``, ``["a"]``) and as a plain string otherwise.
+   (``20``, ``1.5``, ``true``, ``["a"]``) and as a plain string otherwise; a key that takes
+   text (a URL, a path, ``adw.id``) always keeps the raw string.
 
 The bearer token is never part of the file. It is taken from, in order: ``backend.token_file``,
 the environment variable ``ADW_AGENT_TOKEN``, or the systemd credential ``adw-token`` in
@@ -20,7 +21,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -222,11 +223,30 @@ def _is_safe_name(name: str) -> bool:
     )
 
 
-def _env_value(raw: str) -> Any:
+def _env_value(raw: str, text_only: bool) -> Any:
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    # A key that only takes text keeps the raw string: an ADW id such as "12345678" or "1e5"
+    # parses as a TOML number, and strict validation would then reject it.
+    return raw if text_only and not isinstance(value, str) else value
+
+
+def _takes_text(path: list[str]) -> bool:
+    """True when the key at ``path`` accepts only a string or a path (or nothing)."""
+    model: Any = Config
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    field = model.model_fields.get(path[-1])
+    if field is None:
+        return False
+    choices = get_args(field.annotation) or (field.annotation,)
+    return all(choice in (str, Path, type(None)) for choice in choices)
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -240,7 +260,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"{name}: cannot set a key below the value '{part}'")
             node = child
-        node[path[-1]] = _env_value(raw)
+        node[path[-1]] = _env_value(raw, _takes_text(path))
 
 
 def _read_secret(path: Path, what: str) -> SecretStr:
@@ -259,7 +279,7 @@ def _token(data: Mapping[str, Any], environ: Mapping[str, str]) -> SecretStr | N
     token_file = backend.get("token_file") if isinstance(backend, dict) else None
     if isinstance(token_file, str):
         return _read_secret(Path(token_file), "backend.token_file")
-    if environ.get(TOKEN_ENV):
+    if environ.get(TOKEN_ENV, "").strip():
         return SecretStr(environ[TOKEN_ENV].strip())
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_NAME).is_file():
