@@ -128,10 +128,11 @@ class Transaction:
     def _next_seq(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
         seq = (int(row[0]) if row else 0) + 1
+        # Stored as JSON like every other meta value, so that read_meta() can show it.
         self._db.execute(
             "INSERT INTO meta (key, value) VALUES ('seq', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (seq,),
+            (orjson.dumps(seq),),
         )
         return seq
 
@@ -322,4 +323,7 @@ def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
 
 def read_meta(db: sqlite3.Connection, key: str) -> Any:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else orjson.loads(row[0])
+    if row is None:
+        return None
+    # Earlier stores kept the seq counter as a bare SQLite integer.
+    return row[0] if isinstance(row[0], int) else orjson.loads(row[0])

@@ -1,0 +1,419 @@
+"""Tests for agent.outbox: seq, coalescing, dead letters and transactions of the SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.errors import StorageError
+from agent.events import COALESCIBLE
+from agent.outbox import Queued, Store, dead_letter_rows, outbox_stats, read_meta
+
+ADW = "55b761f6"
+
+
+def workflow(changed: list[str], **state: Any) -> dict[str, Any]:
+    return {**state, "changed": changed}
+
+
+def cost(delta: float, total: float = 1.0) -> dict[str, Any]:
+    return {
+        "current_cost": total,
+        "cost_delta": delta,
+        "final": False,
+        "current_phase": "build",
+        "estimate_complete": True,
+        "breakdown": {"by_agent": {}, "by_model": {}, "by_phase": {}},
+        "tokens": {"input": 1, "output": 2, "cache_creation": 3, "cache_read": 4},
+    }
+
+
+def phase(current: str | None, completed: list[str]) -> dict[str, Any]:
+    return {
+        "current_phase": current,
+        "status": "running" if current else "completed",
+        "completed_phases": completed,
+    }
+
+
+def failed(reason: str) -> dict[str, Any]:
+    return {"reason": reason, "error_excerpt": "boom", "current_phase": None}
+
+
+def status(state: str = "running") -> dict[str, Any]:
+    return {
+        "state": state,
+        "version": "0",
+        "adw_id": ADW,
+        "outbox_depth": 0,
+        "oldest_undelivered_age": None,
+        "last_delivery_error": None,
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path, ADW, "normal")
+    yield s
+    s.close()
+
+
+def emit(store: Store, event_type: str, data: dict[str, Any], source: str = "event") -> int:
+    with store.transaction() as tx:
+        return tx.emit(event_type, data, source)  # type: ignore[arg-type]
+
+
+def queued(store: Store) -> list[dict[str, Any]]:
+    rows = store.db.execute("SELECT body FROM outbox ORDER BY seq").fetchall()
+    return [orjson.loads(r[0]) for r in rows]
+
+
+def drain(store: Store) -> list[Queued]:
+    out = []
+    while (event := store.head()) is not None:
+        store.ack(event.seq)
+        out.append(event)
+    return out
+
+
+# -- the envelope and seq ---------------------------------------------------------------------
+
+
+def test_emit_builds_the_envelope(store: Store) -> None:
+    seq = emit(store, "workflow_update", workflow(["adw_id"], adw_id=ADW), "sync")
+    [event] = queued(store)
+    assert event["seq"] == seq == 1
+    assert event["type"] == "workflow_update"
+    assert event["adw_id"] == ADW
+    assert event["source"] == "sync"
+    assert event["timestamp"].endswith("Z")
+    assert len(event["event_id"]) == 36
+    assert event["data"] == {"adw_id": ADW, "changed": ["adw_id"]}
+
+
+def test_emit_validates_data(store: Store) -> None:
+    with pytest.raises(ValueError, match="status"):
+        emit(store, "phase_update", {**phase("x", []), "status": "paused"})
+    assert queued(store) == []
+
+
+def test_seq_is_monotonic_across_reopen_even_when_the_outbox_is_empty(tmp_path: Path) -> None:
+    store = Store(tmp_path, ADW, "full")
+    seqs = [emit(store, "workflow_failed", failed(str(i))) for i in range(3)]
+    drain(store)
+    store.close()
+    store = Store(tmp_path, ADW, "full")
+    seqs.append(emit(store, "workflow_failed", failed("after")))
+    store.close()
+    assert seqs == [1, 2, 3, 4]
+
+
+def test_seq_counter_is_readable_by_status_tools(store: Store) -> None:
+    emit(store, "workflow_failed", failed("x"))
+    assert read_meta(store.db, "seq") == 1
+    assert store.meta("seq") == 1
+
+
+def test_a_store_belongs_to_one_adw(tmp_path: Path) -> None:
+    Store(tmp_path, ADW, "normal").close()
+    with pytest.raises(StorageError, match="holds the state of ADW '55b761f6', not 'other'"):
+        Store(tmp_path, "other", "normal")
+
+
+def test_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="cannot open the store"):
+        Store(tmp_path / "file" / "db", ADW, "normal")
+
+
+# -- coalescing -------------------------------------------------------------------------------
+
+
+def test_unsent_workflow_updates_coalesce_with_the_union_of_changed(store: Store) -> None:
+    emit(store, "workflow_update", workflow(["branch_name", "status"], status="a"))
+    emit(store, "workflow_update", workflow(["plan_file", "status"], status="b"))
+    [event] = queued(store)
+    assert event["seq"] == 2
+    assert event["data"]["status"] == "b"
+    assert event["data"]["changed"] == ["branch_name", "status", "plan_file"]
+
+
+def test_unsent_cost_updates_sum_their_deltas(store: Store) -> None:
+    emit(store, "cost_update", cost(0.25, total=0.25))
+    emit(store, "cost_update", cost(0.5, total=0.75))
+    emit(store, "cost_update", cost(-0.125, total=0.625))
+    [event] = queued(store)
+    assert event["data"]["cost_delta"] == pytest.approx(0.625)
+    assert event["data"]["current_cost"] == 0.625
+
+
+def test_agent_status_coalesces_to_the_latest(store: Store) -> None:
+    emit(store, "agent_status", status("starting"))
+    emit(store, "agent_status", status("running"))
+    assert [e["data"]["state"] for e in queued(store)] == ["running"]
+
+
+def test_failures_and_phase_updates_never_coalesce(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_failed", failed("b"))
+    emit(store, "phase_update", phase("build", ["plan"]))
+    emit(store, "phase_update", phase("test", ["plan", "build"]))
+    assert [e["seq"] for e in queued(store)] == [1, 2, 3, 4]
+    assert COALESCIBLE.isdisjoint({"workflow_failed", "phase_update"})
+
+
+def test_coalescing_only_merges_the_same_type(store: Store) -> None:
+    emit(store, "workflow_update", workflow(["a"]))
+    emit(store, "agent_status", status())
+    emit(store, "workflow_update", workflow(["b"]))
+    assert [(e["seq"], e["type"]) for e in queued(store)] == [
+        (2, "agent_status"),
+        (3, "workflow_update"),
+    ]
+
+
+def test_an_event_the_sender_picked_up_is_never_altered(store: Store) -> None:
+    emit(store, "workflow_update", workflow(["a"], status="one"))
+    head = store.head()
+    assert head is not None
+    assert store.sent_floor == 1
+    emit(store, "workflow_update", workflow(["b"], status="two"))
+    emit(store, "workflow_update", workflow(["c"], status="three"))
+    events = queued(store)
+    assert [(e["seq"], e["data"]["changed"]) for e in events] == [(1, ["a"]), (3, ["b", "c"])]
+    assert events[0]["event_id"] == head.event_id
+    assert orjson.loads(head.body) == events[0]
+
+
+def test_nothing_queued_before_a_reopen_is_coalesced(tmp_path: Path) -> None:
+    store = Store(tmp_path, ADW, "normal")
+    emit(store, "workflow_update", workflow(["a"]))
+    emit(store, "cost_update", cost(1.0))
+    before = queued(store)
+    store.close()
+    # The backend may already hold these under their ids: a restarted agent leaves them alone.
+    store = Store(tmp_path, ADW, "normal")
+    assert store.sent_floor == 2
+    emit(store, "workflow_update", workflow(["b"]))
+    emit(store, "cost_update", cost(2.0))
+    emit(store, "cost_update", cost(4.0))
+    after = queued(store)
+    store.close()
+    assert after[:2] == before
+    assert [(e["seq"], e["type"]) for e in after[2:]] == [
+        (3, "workflow_update"),
+        (5, "cost_update"),
+    ]
+    assert after[3]["data"]["cost_delta"] == 6.0
+
+
+# -- delivery bookkeeping ---------------------------------------------------------------------
+
+
+def test_head_and_ack_go_in_seq_order(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "phase_update", phase("b", []))
+    delivered = drain(store)
+    assert [e.seq for e in delivered] == [1, 2]
+    assert store.head() is None
+    assert store.meta("last_delivery")["result"] == "ok"
+
+
+def test_record_failure_keeps_the_event(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    store.record_failure(1, "backend answered 503")
+    store.record_failure(1, "backend answered 503")
+    head = store.head()
+    assert head is not None
+    assert head.attempts == 2
+    assert store.meta("last_delivery")["result"] == "backend answered 503"
+
+
+def test_dead_letter_and_requeue_keep_id_and_seq(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_failed", failed("b"))
+    first = store.head()
+    assert first is not None
+    store.dead_letter(first, 400, '{"detail": "bad"}')
+    assert [e["seq"] for e in queued(store)] == [2]
+    [row] = dead_letter_rows(store.db)
+    assert (row["seq"], row["event_id"], row["status"]) == (1, first.event_id, 400)
+    assert row["response"] == '{"detail": "bad"}'
+    assert store.stats()["dead_letters"] == 1
+
+    assert store.requeue() == 1
+    again = store.head()
+    assert again is not None
+    assert (again.seq, again.event_id, again.body) == (first.seq, first.event_id, first.body)
+    assert dead_letter_rows(store.db) == []
+    assert store.requeue(99) == 0
+
+
+def test_requeue_one_by_seq(store: Store) -> None:
+    for reason in "abc":
+        emit(store, "workflow_failed", failed(reason))
+    for _ in range(3):
+        head = store.head()
+        assert head is not None
+        store.dead_letter(head, 422, "")
+    assert store.requeue(2) == 1
+    assert [e["seq"] for e in queued(store)] == [2]
+    assert [r["seq"] for r in dead_letter_rows(store.db)] == [1, 3]
+
+
+def test_stats(store: Store) -> None:
+    assert store.stats() == {
+        "outbox_depth": 0,
+        "outbox_by_type": {},
+        "oldest_undelivered_age": None,
+        "dead_letters": 0,
+    }
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "agent_status", status())
+    stats = outbox_stats(store.db)
+    assert stats["outbox_depth"] == 2
+    assert stats["outbox_by_type"] == {"workflow_failed": 1, "agent_status": 1}
+    assert stats["oldest_undelivered_age"] >= 0
+
+
+# -- transactions -----------------------------------------------------------------------------
+
+
+def test_an_exception_rolls_everything_back(store: Store) -> None:
+    emit(store, "workflow_update", workflow(["a"]))
+
+    def batch() -> None:
+        with store.transaction() as tx:
+            tx.put_json("state", {"a": 1})
+            tx.emit("workflow_update", workflow(["b"]))  # would coalesce seq 1 away
+            tx.emit("workflow_failed", failed("x"))
+            raise RuntimeError("reader blew up")
+
+    with pytest.raises(RuntimeError):
+        batch()
+    assert [(e["seq"], e["data"]["changed"]) for e in queued(store)] == [(1, ["a"])]
+    with store.transaction() as tx:
+        assert tx.get("state") is None
+        assert tx.emit("workflow_failed", failed("y")) == 2  # seq was not consumed
+
+
+def test_sqlite_errors_become_storage_errors(store: Store) -> None:
+    with pytest.raises(StorageError, match="storage write failed"), store.transaction() as tx:
+        tx._db.execute("INSERT INTO nowhere VALUES (1)")
+    assert queued(store) == []
+
+
+def test_file_state_round_trips(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.put_json("phases", {"completed": ["plan"]})
+        tx.put("raw", b"\x00\x01")
+    with store.transaction() as tx:
+        assert tx.get_json("phases") == {"completed": ["plan"]}
+        assert tx.get("raw") == b"\x00\x01"
+        tx.delete("raw")
+        assert tx.get("raw") is None
+        assert tx.get_json("absent") is None
+
+
+def test_inspect_is_read_only(tmp_path: Path, store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    db = Store.inspect(tmp_path)
+    try:
+        assert outbox_stats(db)["outbox_depth"] == 1
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            db.execute("DELETE FROM outbox")
+    finally:
+        db.close()
+    with pytest.raises(StorageError, match="has not run yet"):
+        Store.inspect(tmp_path / "elsewhere")
+
+
+# -- the property: ordering and exactly-once under any interleaving ---------------------------
+
+KINDS = ["workflow_update", "cost_update", "agent_status", "workflow_failed", "phase_update"]
+DATA = {
+    "workflow_update": lambda i: workflow([f"k{i}"], n=i),
+    "cost_update": lambda i: cost(1.0, total=float(i)),
+    "agent_status": lambda i: status(),
+    "workflow_failed": lambda i: failed(str(i)),
+    "phase_update": lambda i: phase(f"p{i}", []),
+}
+
+ACTIONS: list[tuple[str, str | None]] = [("emit", k) for k in KINDS] + [
+    ("head", None),
+    ("ack", None),
+    ("fail", None),
+    ("reopen", None),
+]
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=50))
+def test_any_interleaving_delivers_in_order_and_facts_exactly_once(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, str | None]]
+) -> None:
+    directory = tmp_path_factory.mktemp("prop")
+    store = Store(directory, ADW, "normal")
+    delivered: list[dict[str, Any]] = []
+    facts: list[str] = []  # reasons/phases of every non-coalescible event emitted
+    last_of_type: dict[str, int] = {}
+    in_flight: Queued | None = None
+    try:
+        for i, (action, kind) in enumerate(steps):
+            if action == "emit":
+                assert kind is not None
+                data = DATA[kind](i)
+                emit(store, kind, data)
+                last_of_type[kind] = i
+                if kind not in COALESCIBLE:
+                    facts.append(f"{kind}:{i}")
+            elif action == "head":
+                in_flight = store.head()
+            elif action == "ack" and in_flight is not None:
+                store.ack(in_flight.seq)
+                delivered.append(orjson.loads(in_flight.body))
+                in_flight = None
+            elif action == "fail" and in_flight is not None:
+                store.record_failure(in_flight.seq, "503")
+            elif action == "reopen":
+                store.close()
+                store = Store(directory, ADW, "normal")
+                in_flight = None  # a crash: the event in flight is sent again from the outbox
+        while (event := store.head()) is not None:
+            store.ack(event.seq)
+            delivered.append(orjson.loads(event.body))
+    finally:
+        store.close()
+
+    seqs = [e["seq"] for e in delivered]
+    assert seqs == sorted(set(seqs)), "delivered seqs must strictly increase"
+    got_facts = [
+        f"{e['type']}:{e['data'].get('reason') or e['data']['current_phase'][1:]}"
+        for e in delivered
+        if e["type"] not in COALESCIBLE
+    ]
+    assert got_facts == facts, "every failure and phase change is delivered once, in order"
+    # Coalescing may drop intermediate snapshots, never the latest one of each type.
+    for kind, i in last_of_type.items():
+        if kind == "workflow_update":
+            assert delivered_last(delivered, kind)["data"]["n"] == i
+        elif kind == "cost_update":
+            assert delivered_last(delivered, kind)["data"]["current_cost"] == float(i)
+    emitted_cost = sum(1.0 for k, _ in steps if k == "emit" and _ == "cost_update")
+    total_delta = sum(e["data"]["cost_delta"] for e in delivered if e["type"] == "cost_update")
+    assert total_delta == emitted_cost, "coalesced cost deltas still add up"
+
+
+def delivered_last(delivered: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return [e for e in delivered if e["type"] == kind][-1]
