@@ -13,8 +13,10 @@ import asyncio
 import email.utils
 import logging
 import math
+import random
 import ssl
 import time
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -23,7 +25,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
 )
 from tenacity.wait import wait_base
 
@@ -37,6 +39,7 @@ log = logging.getLogger("adw_agent.deliver")
 RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
 MAX_RETRY_AFTER = 600.0
 _RESPONSE_EXCERPT = 2000
+_STORAGE_RETRY = 1.0
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -51,6 +54,8 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000": an HTTP date is always UTC, never local time
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if math.isnan(seconds):
         return None
@@ -77,14 +82,19 @@ class _Backoff(wait_base):
     """Exponential backoff with jitter, unless the backend said when to come back."""
 
     def __init__(self, initial: float, maximum: float) -> None:
-        self._exp = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+        # wait_exponential_jitter's ``initial`` is deprecated in newer tenacity and its
+        # replacement is missing in older ones: compose the same wait from stable parts.
+        self._exp = wait_exponential(multiplier=initial, max=maximum)
+        self._jitter = initial
+        self._max = maximum
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
         if isinstance(exc, RetryableDelivery) and exc.retry_after is not None:
             return exc.retry_after
-        return float(self._exp(retry_state))
+        jitter = random.uniform(0, self._jitter)  # noqa: S311  (spreads retries, not a secret)
+        return min(float(self._exp(retry_state)) + jitter, self._max)
 
 
 def build_client(config: Config) -> httpx.AsyncClient:
@@ -139,7 +149,13 @@ class Sender:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._deliver(event)
+            try:
+                await self._deliver(event)
+            except StorageError as exc:
+                # The answer could not be recorded: the event stays queued and is sent again
+                # under the same event_id once the store is writable.
+                log.error("cannot record a delivery result: %s", exc, extra=_fields(event))
+                await asyncio.sleep(_STORAGE_RETRY)
 
     def idle(self) -> bool:
         """Nothing left to send."""
@@ -183,6 +199,9 @@ class Sender:
             raise RetryableDelivery(f"timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise RetryableDelivery(f"connection failed ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            # E.g. a body that cannot be decoded: the backend may answer properly next time.
+            raise RetryableDelivery(f"request failed ({type(exc).__name__})") from None
         classify(response)
         log.debug(
             "event delivered",

@@ -1,0 +1,359 @@
+"""Tests for agent.deliver: classifying answers, Retry-After, and the Sender on a mock transport.
+
+The Sender runs for real against a real SQLite store; only the HTTP transport is replaced by
+``httpx.MockTransport`` so each answer can be scripted. End-to-end delivery against a real
+server is covered in tests/integration/test_delivery_live.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from tenacity import Future, RetryCallState
+
+from agent.config import Config, load
+from agent.deliver import (
+    MAX_RETRY_AFTER,
+    Sender,
+    _Backoff,
+    build_client,
+    classify,
+    retry_after_seconds,
+)
+from agent.errors import PermanentDelivery, RetryableDelivery
+from agent.outbox import Store, dead_letter_rows
+
+TOKEN = "t0ken-for-the-test"
+ADW = "abc123"
+
+
+# -- classify ---------------------------------------------------------------------------------
+
+
+def response(status: int, **headers: str) -> httpx.Response:
+    return httpx.Response(status, headers=headers, text=f"answer {status}")
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_2xx_is_success(status: int) -> None:
+    classify(response(status))
+
+
+@pytest.mark.parametrize("status", [401, 403, 408, 425, 429, 500, 502, 503, 504, 599])
+def test_retryable_statuses(status: int) -> None:
+    with pytest.raises(RetryableDelivery) as info:
+        classify(response(status))
+    assert info.value.status == status
+    assert info.value.body == f"answer {status}"
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 409, 410, 413, 415, 422, 451])
+def test_other_4xx_are_permanent(status: int) -> None:
+    with pytest.raises(PermanentDelivery) as info:
+        classify(response(status))
+    assert info.value.status == status
+    assert not isinstance(info.value, RetryableDelivery)
+
+
+def test_retryable_carries_retry_after() -> None:
+    with pytest.raises(RetryableDelivery) as info:
+        classify(response(503, **{"Retry-After": "7"}))
+    assert info.value.retry_after == 7.0
+
+
+def test_response_body_is_bounded() -> None:
+    with pytest.raises(PermanentDelivery) as info:
+        classify(httpx.Response(400, text="x" * 100_000))
+    assert len(info.value.body) == 2000
+
+
+# -- Retry-After ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("1", 1.0),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("-3", 0.0),
+        ("100000", MAX_RETRY_AFTER),
+        ("nan", None),
+        ("", None),
+        (None, None),
+        ("soon", None),
+    ],
+)
+def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(value) == seconds
+
+
+def test_retry_after_http_date() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert later.endswith("GMT")
+    assert retry_after_seconds(later, now.timestamp()) == pytest.approx(30.0)
+    earlier = format_datetime(now - timedelta(seconds=30), usegmt=True)
+    assert retry_after_seconds(earlier, now.timestamp()) == 0.0
+
+
+def test_retry_after_http_date_without_zone_is_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "-0000" parses to a naive datetime; it must not be read in the machine's local time.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+        assert retry_after_seconds("Thu, 01 Jan 2026 12:00:10 -0000", now) == pytest.approx(10.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def backoff_wait(backoff: _Backoff, attempt: int, exc: Exception) -> float:
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    outcome: Future = Future(attempt)
+    outcome.set_exception(exc)
+    state.outcome = outcome
+    return backoff(state)
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
+    backoff = _Backoff(0.2, 5.0)
+    error = RetryableDelivery("backend answered 503", 503)
+    for attempt, base in [(1, 0.2), (2, 0.4), (3, 0.8), (4, 1.6)]:
+        waits = [backoff_wait(backoff, attempt, error) for _ in range(50)]
+        assert all(base <= w <= base + 0.2 for w in waits)
+        assert len(set(waits)) > 1
+    assert all(backoff_wait(backoff, 30, error) == 5.0 for _ in range(20))
+
+
+def test_backoff_follows_retry_after() -> None:
+    backoff = _Backoff(0.2, 5.0)
+    hint = RetryableDelivery("backend answered 429", 429, retry_after=12.0)
+    assert backoff_wait(backoff, 1, hint) == 12.0
+
+
+# -- the Sender -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    run_dir = tmp_path / ADW
+    run_dir.mkdir()
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[adw]\ndir = "{run_dir}"\n'
+        '[backend]\nurl = "http://127.0.0.1:9"\n'
+        f'[storage]\ndir = "{tmp_path / "storage"}"\n'
+        "[delivery]\nbackoff_initial = 0.01\nbackoff_max = 0.05\n"
+    )
+    return load(path, {"ADW_AGENT_TOKEN": TOKEN})
+
+
+@pytest.fixture
+def store(config: Config) -> Iterator[Store]:
+    s = Store(config.storage.dir, ADW, "normal")
+    yield s
+    s.close()
+
+
+def failure(reason: str) -> dict[str, Any]:
+    return {"reason": reason, "error_excerpt": "", "current_phase": None}
+
+
+def emit(store: Store, reason: str) -> int:
+    with store.transaction() as tx:
+        return tx.emit("workflow_failed", failure(reason))
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Recorder:
+    """Scripted answers by request number; records every request with its arrival time."""
+
+    def __init__(self, answer: Callable[[int, dict[str, Any]], httpx.Response]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[float, httpx.Request, dict[str, Any]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        event = orjson.loads(request.content)
+        self.requests.append((time.monotonic(), request, event))
+        return self.answer(len(self.requests), event)
+
+
+def run(config: Config, store: Store, handler: Handler, until: Callable[[], bool]) -> Sender:
+    """Run a real Sender on its own event loop until ``until()`` holds."""
+    return asyncio.run(run_sender(config, store, handler, until))
+
+
+async def run_sender(
+    config: Config, store: Store, handler: Handler, until: Callable[[], bool]
+) -> Sender:
+    client = build_client(config)
+    client._transport = httpx.MockTransport(handler)  # the edge: no network
+    sender = Sender(config, store, client)
+    task = asyncio.create_task(sender.run())
+    sender.wake()
+    deadline = time.monotonic() + 10
+    while not until():
+        assert not task.done(), f"sender stopped: {task.exception()!r}"
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await client.aclose()
+    return sender
+
+
+def empty(store: Store) -> Callable[[], bool]:
+    return lambda: store.head() is None
+
+
+def test_posts_each_event_with_its_headers_in_seq_order(config: Config, store: Store) -> None:
+    for reason in ("a", "b", "c"):
+        emit(store, reason)
+    rec = Recorder(lambda n, e: httpx.Response(200))
+    sender = run(config, store, rec, empty(store))
+    assert [e["seq"] for _, _, e in rec.requests] == [1, 2, 3]
+    for _, request, event in rec.requests:
+        assert request.method == "POST"
+        assert request.url == "http://127.0.0.1:9/api/v1/event/workflow_failed"
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        assert request.headers["idempotency-key"] == event["event_id"]
+        assert request.headers["user-agent"].startswith("adw-agent/")
+    assert sender.delivered == 3
+    assert sender.last_error is None
+    assert sender.last_success is not None
+
+
+def test_no_authorization_header_without_a_token(config: Config, store: Store) -> None:
+    emit(store, "a")
+    rec = Recorder(lambda n, e: httpx.Response(204))
+    run(config.model_copy(update={"token": None}), store, rec, empty(store))
+    assert "authorization" not in rec.requests[0][1].headers
+
+
+def test_retries_keep_the_event_id_and_body(config: Config, store: Store) -> None:
+    emit(store, "a")
+    rec = Recorder(lambda n, e: httpx.Response(503 if n <= 3 else 200))
+    run(config, store, rec, empty(store))
+    assert len(rec.requests) == 4
+    assert len({r.headers["idempotency-key"] for _, r, _ in rec.requests}) == 1
+    assert len({r.content for _, r, _ in rec.requests}) == 1
+    assert store.meta("last_delivery")["result"] == "ok"
+
+
+def test_retry_after_is_honoured(config: Config, store: Store) -> None:
+    emit(store, "a")
+    answers = {1: httpx.Response(503, headers={"Retry-After": "0.3"})}
+    rec = Recorder(lambda n, e: answers.get(n, httpx.Response(200)))
+    run(config, store, rec, empty(store))
+    (t1, _, _), (t2, _, _) = rec.requests
+    assert t2 - t1 >= 0.29  # backoff alone would have waited at most 0.05 s
+
+
+def test_permanent_rejection_dead_letters_and_the_next_event_flows(
+    config: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    emit(store, "bad")
+    emit(store, "good")
+    rec = Recorder(
+        lambda n, e: httpx.Response(400 if e["data"]["reason"] == "bad" else 200, text="nope")
+    )
+    with caplog.at_level(logging.INFO, "adw_agent"):
+        sender = run(config, store, rec, empty(store))
+    assert [e["data"]["reason"] for _, _, e in rec.requests] == ["bad", "good"]
+    [dead] = dead_letter_rows(store.db)
+    assert (dead["seq"], dead["status"], dead["response"]) == (1, 400, "nope")
+    dead_logs = [r for r in caplog.records if r.getMessage().startswith("event dead-lettered")]
+    assert len(dead_logs) == 1
+    assert dead_logs[0].levelno == logging.ERROR
+    assert sender.delivered == 1
+
+
+def test_refused_credentials_are_retried_and_warned_about_once(
+    config: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    emit(store, "a")
+    rec = Recorder(lambda n, e: httpx.Response(401 if n <= 4 else 200))
+    with caplog.at_level(logging.DEBUG, "adw_agent"):
+        run(config, store, rec, empty(store))
+    assert len(rec.requests) == 5
+    auth = [r for r in caplog.records if "refused the credentials" in r.getMessage()]
+    assert len(auth) == 1
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("garbled"),
+        httpx.DecodingError("bad content-encoding"),
+    ],
+)
+def test_request_errors_are_retried(config: Config, store: Store, error: Exception) -> None:
+    emit(store, "a")
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise error
+        return httpx.Response(200)
+
+    sender = run(config, store, handler, empty(store))
+    assert len(calls) == 2
+    assert sender.delivered == 1
+
+
+def test_failed_attempts_are_recorded_for_status(config: Config, store: Store) -> None:
+    emit(store, "a")
+    rec = Recorder(lambda n, e: httpx.Response(500))
+    sender = run(config, store, rec, lambda: len(rec.requests) >= 3)
+    head = store.head()
+    assert head is not None
+    assert head.attempts >= 2
+    assert sender.last_error == "backend answered 500"
+    assert store.meta("last_delivery")["result"] == "backend answered 500"
+
+
+def test_a_locked_store_does_not_stop_the_sender(config: Config, store: Store) -> None:
+    emit(store, "a")
+    emit(store, "b")
+    store.db.execute("PRAGMA busy_timeout = 0")
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the ack cannot commit
+    released = False
+
+    def answer(n: int, event: dict[str, Any]) -> httpx.Response:
+        nonlocal released
+        if n == 2 and not released:
+            other.execute("ROLLBACK")
+            released = True
+        return httpx.Response(200)
+
+    rec = Recorder(answer)
+    try:
+        run(config, store, rec, empty(store))
+    finally:
+        other.close()
+    ids = [e["event_id"] for _, _, e in rec.requests]
+    # The first event was sent again under the same id once the store was writable.
+    assert ids[0] == ids[1]
+    assert [e["data"]["reason"] for _, _, e in rec.requests][-2:] == ["a", "b"]
