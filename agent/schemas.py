@@ -20,8 +20,14 @@ def all_schemas() -> dict[str, dict[str, Any]]:
     for name, model in DATA_MODELS.items():
         envelope = Event.model_json_schema()
         envelope["title"] = name
+        envelope["description"] = f"One {name} event: the common envelope with its typed data."
         envelope["properties"]["type"] = {"const": name, "title": "Type", "type": "string"}
-        envelope["properties"]["data"] = model.model_json_schema()
+        data = model.model_json_schema()
+        # "$ref": "#/$defs/..." resolves from the document root, so the definitions go there.
+        defs = data.pop("$defs", None)
+        if defs:
+            envelope["$defs"] = {**envelope.get("$defs", {}), **defs}
+        envelope["properties"]["data"] = data
         out[f"event.{name}.schema.json"] = envelope
     return out
 
