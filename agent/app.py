@@ -14,9 +14,12 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from agent import __version__
 from agent import config as config_module
@@ -32,6 +35,9 @@ log = logging.getLogger("adw_agent.app")
 
 _STORAGE_RETRY = 1.0
 _MISSING_DIR_POLL = 1.0
+# How often an idle sender looks for rows it was not told about: dead letters requeued by
+# ``adw-agent dead-letters`` from another process. One indexed SELECT, so idle cost stays nil.
+_OUTBOX_POLL = 1.0
 
 
 @dataclass
@@ -46,6 +52,7 @@ class _Timers:
     rescan: float = 0.0
     resync: float = 0.0
     watchdog: float = 0.0
+    outbox: float = 0.0
     retries: dict[str, _Retry] = field(default_factory=dict)
 
 
@@ -63,6 +70,11 @@ class Agent:
         self._timers = _Timers()
         self._storage_error: str | None = None
         self._dir_ino: int | None = None
+        # True while the agent deliberately is not watching (run directory gone, watcher could
+        # not start): the main loop is handling it, so the watchdog keeps being fed.
+        self._watch_paused = False
+        # Clients replaced by a reload, closed once a request in flight on them has ended.
+        self._retired: list[tuple[httpx.AsyncClient, asyncio.Task[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -100,6 +112,7 @@ class Agent:
         self._timers.rescan = now + cfg.watch.rescan_interval
         self._timers.resync = now + cfg.intervals.resync if cfg.intervals.resync else float("inf")
         self._timers.watchdog = now
+        self._timers.outbox = now + _OUTBOX_POLL
         self.notifier.send("READY=1", self._status_line())
         log.info(
             "agent started",
@@ -126,7 +139,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"drain_timeout": self.config.delivery.drain_timeout})
-        self.notifier.send("STOPPING=1")
+        self.notifier.send("STOPPING=1", "STATUS=stopping")
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()
@@ -154,6 +167,10 @@ class Agent:
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()
+        for old, closer in self._retired:
+            closer.cancel()
+            await old.aclose()
+        self._retired.clear()
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
@@ -178,27 +195,79 @@ class Agent:
         self._changed.set()
 
     async def _apply_reload(self) -> None:
+        """Re-read the config file (SIGHUP). Queued events stay queued; a config that fails
+        validation is logged and the running one kept."""
         self._reload = False
         source = self.config.source
         if source is None:
             return
+        self.notifier.reloading()
         try:
-            new = config_module.load(source)
+            self._reconfigure(config_module.load(source))
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        if (new.adw, new.storage, new.watch.mode) != (
-            self.config.adw,
-            self.config.storage,
-            self.config.watch.mode,
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "reload failed, keeping the running configuration: %s: backend.ca_bundle: %s",
+                source,
+                exc,
+            )
+        self.notifier.send("READY=1", self._status_line())
+
+    def _reconfigure(self, new: Config) -> None:
+        old = self.config
+        fixed = {"adw": old.adw, "storage": old.storage, "cost": old.cost}
+        if any(getattr(new, name) != value for name, value in fixed.items()) or (
+            new.watch.mode != old.watch.mode
         ):
-            log.warning("adw.*, storage.* and watch.mode changes take effect only on restart")
-            new = new.model_copy(update={"adw": self.config.adw, "storage": self.config.storage})
-        old = self.sender.replace_client(new, build_client(new))
-        await old.aclose()
+            log.warning(
+                "adw.*, storage.*, cost.* and watch.mode changes take effect only on restart"
+            )
+            fixed["watch"] = new.watch.model_copy(update={"mode": old.watch.mode})
+            new = new.model_copy(update=fixed)
+        client = build_client(new)
+        self._retire(self.sender.replace_client(new, client), old)
+        self.client = client
         self.config = new
         self.pipeline.config = new
+        self._reschedule(old, new)
+        # A new backend or token deserves a fresh attempt; anything queued goes there.
+        self.sender.wake()
         log.info("configuration reloaded", extra={"backend": new.backend.url})
+
+    def _reschedule(self, old: Config, new: Config) -> None:
+        """Changed intervals count from now, not from the last tick of the old ones."""
+        now = time.monotonic()
+        t = self._timers
+        if new.intervals.heartbeat != old.intervals.heartbeat:
+            t.heartbeat = now + new.intervals.heartbeat
+        if new.watch.rescan_interval != old.watch.rescan_interval:
+            t.rescan = now + new.watch.rescan_interval
+        if new.intervals.resync != old.intervals.resync:
+            t.resync = now + new.intervals.resync if new.intervals.resync else float("inf")
+        if new.watch.poll_interval != old.watch.poll_interval:
+            # The poll interval is fixed when an observer starts: start a new one, and rescan
+            # so that nothing changed in between is missed.
+            running = self.watcher.alive()
+            self.watcher.stop()
+            self.watcher = Watcher(
+                new.adw.dir, new.watch.mode, new.watch.poll_interval, self._notice
+            )
+            if running:
+                self._start_watcher()
+                self._process({"rescan"})
+
+    def _retire(self, client: httpx.AsyncClient, old: Config) -> None:
+        """Close a replaced client once a request still in flight on it must have ended, so
+        a reload does not cut a delivery off half way (it would only be sent again)."""
+        grace = old.backend.connect_timeout + old.backend.timeout + 1.0
+
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            await client.aclose()
+
+        self._retired = [(c, task) for c, task in self._retired if not task.done()]
+        self._retired.append((client, asyncio.create_task(close_later(), name="close-client")))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -218,7 +287,7 @@ class Agent:
 
     def _next_deadline(self) -> float:
         t = self._timers
-        deadlines = [t.heartbeat, t.rescan, t.resync]
+        deadlines = [t.heartbeat, t.rescan, t.resync, t.outbox]
         deadlines += [r.due for r in t.retries.values()]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(t.watchdog)
@@ -275,9 +344,13 @@ class Agent:
         if now >= t.heartbeat:
             t.heartbeat = now + self.config.intervals.heartbeat
             self._status("running")
+        if now >= t.outbox:
+            t.outbox = now + _OUTBOX_POLL
+            self.sender.wake()
         if self.notifier.watchdog_interval is not None and now >= t.watchdog:
             t.watchdog = now + self.notifier.watchdog_interval
-            if self.watcher.alive() and not self.sender_task.done():
+            watching = self._watch_paused or self.watcher.alive()
+            if watching and not self.sender_task.done():
                 self.notifier.send("WATCHDOG=1", self._status_line())
             else:
                 log.error("watcher or sender is not running; withholding the watchdog ping")
@@ -357,6 +430,7 @@ class Agent:
                     "the run directory is gone; waiting for it", extra={"path": str(run_dir)}
                 )
                 self.watcher.stop()
+            self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
             return
         if ino != self._dir_ino or not self.watcher.alive():
@@ -369,10 +443,12 @@ class Agent:
         try:
             self._dir_ino = os.stat(self.config.adw.dir).st_ino
             self.watcher.start()
+            self._watch_paused = False
         except OSError as exc:
             if self.config.watch.mode == "inotify":
                 raise ConfigError(f"watch.mode = 'inotify' but inotify failed: {exc}") from None
             log.error("cannot watch %s: %s", self.config.adw.dir, exc)
+            self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
 
     def _status(self, state: str) -> None:
@@ -390,19 +466,33 @@ class Agent:
         try:
             with self.store.transaction() as tx:
                 tx.emit("agent_status", data, "event")
-            self.store.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid()})
+            # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean stop.
+            self.store.set_meta(
+                "heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state}
+            )
         except StorageError as exc:
             self._storage_failed(exc, set())
             log.error("agent status could not be queued", extra={"storage_error": str(exc)})
             return
+        finally:
+            self.notifier.send(self._status_line(state, stats))
         self.sender.wake()
 
-    def _status_line(self) -> str:
+    def _status_line(self, state: str | None = None, stats: dict[str, Any] | None = None) -> str:
+        """One ``STATUS=`` line for ``systemctl status``: what the agent does, and its backlog."""
         try:
-            depth = self.store.stats()["outbox_depth"]
+            stats = stats or self.store.stats()
+            backlog = f"outbox depth {stats['outbox_depth']}, dead letters {stats['dead_letters']}"
         except Exception:
-            depth = -1
-        return f"STATUS=watching {self.config.adw.dir.name}; outbox depth {depth}"
+            backlog = "outbox depth unknown (store unreadable)"
+        if state is None:
+            state = "waiting for the run directory" if self._watch_paused else "running"
+        line = f"STATUS={state}: {self.config.adw_id}, {backlog}"
+        if self._storage_error:
+            line += "; storage failing"
+        elif self.sender.last_error:
+            line += f"; delivery failing: {self.sender.last_error}"
+        return line
 
 
 async def serve(config: Config) -> int:

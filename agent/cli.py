@@ -127,7 +127,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from agent.report import health  # noqa: PLC0415
 
-    problem = health(_config(args, check=False), args.max_stuck, time.time())
+    config = _config(args, check=False)
+    try:
+        problem = health(config, args.max_stuck, time.time())
+    except AgentError as exc:
+        problem = str(exc)
     if problem:
         print(f"unhealthy: {problem}")
         return 1
@@ -139,11 +143,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     from agent.report import dead_letters  # noqa: PLC0415
 
     config = _config(args, check=False)
+    requeueing = args.requeue is not None or args.all
     result = dead_letters(config, args.requeue, args.all)
-    if args.json or not (args.requeue or args.all):
-        _print_json(result) if args.json else _print_dead(result)
-    else:
+    if args.json:
+        _print_json(result)
+    elif requeueing:
         print(f"requeued {result['requeued']} event(s)")
+    else:
+        _print_dead(result)
+    if args.requeue is not None and not result["requeued"]:
+        print(f"adw-agent: no dead letter with seq {args.requeue}", file=sys.stderr)
+        return 1
     return 0
 
 

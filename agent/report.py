@@ -6,14 +6,19 @@ agent (requeueing dead letters is the one deliberate write).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sqlite3
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from agent.account import TranscriptCost, TranscriptLedger
 from agent.config import Config
+from agent.errors import StorageError
 from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
 
 
@@ -66,38 +71,58 @@ def print_cost_table(report: dict[str, Any]) -> None:
     )
 
 
+@contextlib.contextmanager
+def _reading(directory: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the store; SQLite failures become :class:`StorageError`."""
+    db = Store.inspect(directory)
+    try:
+        yield db
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the agent store in {directory}: {exc}") from None
+    finally:
+        db.close()
+
+
+def _seq(db: sqlite3.Connection) -> int:
+    # The outbox keeps its counter as a plain integer, not as JSON like the other meta keys.
+    row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
     from agent.pipeline import price_table  # noqa: PLC0415  (avoids an import cycle)
 
-    db = Store.inspect(config.storage.dir)
-    try:
+    prices = price_table(config)
+    with _reading(config.storage.dir) as db:
         stats = outbox_stats(db)
-        prices = price_table(config)
-        transcripts = {}
-        for key, value in db.execute("SELECT key, value FROM files WHERE key LIKE 'transcript:%'"):
-            saved = orjson.loads(value)
-            ledger = TranscriptLedger.load(saved["ledger"], prices)
-            transcripts[str(key).removeprefix("transcript:")] = {
-                "offset": saved["position"]["offset"],
-                "cost": round(ledger.cost, 10),
-                "final": ledger.final,
-                "bad_lines": saved.get("bad_lines", 0),
-            }
+        transcripts: dict[str, dict[str, Any]] = {}
+        rows = db.execute("SELECT key, value FROM files WHERE key LIKE 'transcript:%' ORDER BY key")
+        for key, value in rows:
+            agent = str(key).removeprefix("transcript:")
+            try:
+                saved = orjson.loads(value)
+                ledger = TranscriptLedger.load(saved["ledger"], prices)
+                transcripts[agent] = {
+                    "offset": int(saved["position"]["offset"]),
+                    "cost": round(ledger.cost, 10),
+                    "final": ledger.final,
+                    "bad_lines": int(saved.get("bad_lines", 0)),
+                }
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                transcripts[agent] = {"error": f"unreadable saved state: {exc}"}
         cost = db.execute("SELECT value FROM files WHERE key = 'cost'").fetchone()
         return {
             "adw_id": config.adw_id,
             "store": str(config.storage.dir),
             **stats,
-            "seq": read_meta(db, "seq"),
+            "seq": _seq(db),
             "last_delivery": read_meta(db, "last_delivery"),
             "heartbeat": read_meta(db, "heartbeat"),
             "dead_letter_list": dead_letter_rows(db),
             "transcripts": transcripts,
             "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
         }
-    finally:
-        db.close()
 
 
 def _ago(ts: float | None) -> str:
@@ -105,37 +130,42 @@ def _ago(ts: float | None) -> str:
 
 
 def print_status(r: dict[str, Any]) -> None:
+    """``adw-agent status`` for people."""
     print(f"ADW {r['adw_id']}  store {r['store']}")
     by_type = ", ".join(f"{k}={v}" for k, v in sorted(r["outbox_by_type"].items())) or "empty"
     age = r["oldest_undelivered_age"]
-    print(
-        f"outbox        {r['outbox_depth']} ({by_type})" + (f", oldest {age:.1f}s" if age else "")
-    )
+    oldest = f", oldest {age:.1f}s" if age is not None else ""
+    print(f"outbox        {r['outbox_depth']} ({by_type}){oldest}")
     last = r["last_delivery"] or {}
     print(f"last delivery {_ago(last.get('at'))}: {last.get('result', '-')}")
     beat = r["heartbeat"] or {}
-    print(f"heartbeat     {_ago(beat.get('at'))}")
+    state = f" ({beat['state']})" if beat.get("state") else ""
+    print(f"heartbeat     {_ago(beat.get('at'))}{state}")
+    print(f"last seq      {r['seq']}")
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
         print(f"  seq {row['seq']} {row['type']} -> {row['status']}: {row['response'][:60]}")
     print(f"current cost  ${r['current_cost']:.6f}")
     for agent, t in sorted(r["transcripts"].items()):
+        if "error" in t:
+            print(f"  {agent:<24} {t['error']}")
+            continue
         final = "final" if t["final"] else "running"
         print(f"  {agent:<24} offset {t['offset']:>10}  ${t['cost']:.6f}  {final}")
 
 
 def health(config: Config, max_stuck: float, now: float) -> str | None:
-    """None when healthy, else the reason."""
-    db = Store.inspect(config.storage.dir)
-    try:
+    """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
+    stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
+    with _reading(config.storage.dir) as db:
         beat = read_meta(db, "heartbeat")
         stats = outbox_stats(db)
-    finally:
-        db.close()
     allowed = 3 * config.intervals.heartbeat + 5
     if not beat or now - beat["at"] > allowed:
         age = "never" if not beat else f"{now - beat['at']:.0f}s ago"
         return f"no heartbeat within {allowed:.0f}s (last {age})"
+    if beat.get("state") == "stopping":
+        return f"the agent stopped {now - beat['at']:.0f}s ago"
     age = stats["oldest_undelivered_age"]
     if age is not None and age > max_stuck:
         return f"delivery stuck: oldest undelivered event is {age:.0f}s old"
@@ -143,12 +173,15 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
 
 
 def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict[str, Any]:
+    """List the dead letters, or put one (``requeue``) or all of them back in the outbox.
+
+    A running agent notices requeued events within about a second; they keep their event_id and
+    seq. Requeueing is the one write these views make, through the store's own transaction.
+    """
+    with _reading(config.storage.dir) as db:
+        rows = dead_letter_rows(db)
     if requeue is None and not requeue_all:
-        db = Store.inspect(config.storage.dir)
-        try:
-            return {"dead_letters": dead_letter_rows(db)}
-        finally:
-            db.close()
+        return {"dead_letters": rows}
     store = Store(config.storage.dir, config.adw_id, config.storage.synchronous)
     try:
         return {"requeued": store.requeue(None if requeue_all else requeue)}

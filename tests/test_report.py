@@ -1,0 +1,174 @@
+"""The operator views (status, healthcheck, dead letters) on a real store filled by the pipeline."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import config as config_module
+from agent.config import Config
+from agent.errors import StorageError
+from agent.outbox import Queued, Store
+from agent.pipeline import Pipeline
+from agent.report import dead_letters, health, print_status, status_report
+from tests.harness import AdwWriter, fixture_lines
+
+PLANNER = "tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl"
+
+
+@pytest.fixture
+def config(tmp_path: Path, run_dir: Path) -> Config:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[adw]\ndir = "{run_dir}"\n[backend]\nurl = "http://127.0.0.1:9"\n'
+        f'[storage]\ndir = "{tmp_path / "storage"}"\n[intervals]\nheartbeat = 10.0\n'
+    )
+    return config_module.load(path, environ={})
+
+
+@pytest.fixture
+def store(config: Config) -> Iterator[Store]:
+    db = Store(config.storage.dir, config.adw_id, config.storage.synchronous)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def fill(config: Config, store: Store, writer: AdwWriter) -> list[bytes]:
+    """A run with a state file and a half-written planner transcript, snapshotted."""
+    writer.state({"adw_id": "55b761f6", "issue_number": "7", "issue_class": "/feature"})
+    lines = fixture_lines(PLANNER)[:12]
+    writer.append("sdlc_planner", *lines)
+    Pipeline(config, store).snapshot()
+    return lines
+
+
+def dead_letter_head(store: Store, status: int = 400) -> Queued:
+    event = store.head()
+    assert event is not None
+    store.dead_letter(event, status, '{"error":"schema"}')
+    return event
+
+
+def data_version(store: Store) -> int:
+    """Changes when another connection commits to the database."""
+    return int(store.db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def test_status_reports_outbox_transcripts_and_cost_without_writing(
+    config: Config, store: Store, writer: AdwWriter
+) -> None:
+    lines = fill(config, store, writer)
+    dead = dead_letter_head(store)
+    before = data_version(store)
+
+    report = status_report(config)
+
+    assert data_version(store) == before, "status must only read"
+    by_type = report["outbox_by_type"]
+    assert by_type.get("cost_update") == 1
+    assert dead.type not in by_type
+    assert report["outbox_depth"] == sum(by_type.values()) >= 1
+    assert report["oldest_undelivered_age"] is not None
+    assert report["dead_letters"] == 1
+    assert [(d["seq"], d["event_id"]) for d in report["dead_letter_list"]] == [
+        (dead.seq, dead.event_id)
+    ]
+    assert report["seq"] >= report["outbox_depth"] + 1
+    assert report["last_delivery"]["result"] == "dead-lettered (400)"
+    planner = report["transcripts"]["sdlc_planner"]
+    assert planner["offset"] == sum(len(line) for line in lines)
+    assert planner["cost"] > 0
+    assert planner["final"] is False
+    assert report["current_cost"] == pytest.approx(planner["cost"])
+
+
+def test_status_shows_an_unreadable_transcript_state_and_goes_on(
+    config: Config, store: Store, writer: AdwWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(config, store, writer)
+    with store.transaction() as tx:
+        tx.put_json("transcript:broken", {"position": {}, "ledger": {"v": -1}})
+    report = status_report(config)
+    assert "unreadable saved state" in report["transcripts"]["broken"]["error"]
+    print_status(report)
+    out = capsys.readouterr().out
+    assert "broken" in out
+    assert "sdlc_planner" in out
+    assert "outbox" in out
+    assert "current cost" in out
+
+
+def test_status_without_a_store_is_a_storage_error(config: Config) -> None:
+    with pytest.raises(StorageError, match="has not run yet"):
+        status_report(config)
+
+
+def beat(store: Store, age: float, state: str = "running") -> None:
+    store.set_meta("heartbeat", {"at": time.time() - age, "pid": 1, "state": state})
+
+
+def test_health_needs_a_fresh_heartbeat(config: Config, store: Store) -> None:
+    now = time.time()
+    reason = health(config, 600, now)
+    assert reason is not None
+    assert "no heartbeat within 35s (last never)" in reason
+    beat(store, 1.0)
+    assert health(config, 600, now) is None
+    beat(store, 100.0)
+    reason = health(config, 600, time.time())
+    assert reason is not None
+    assert reason.startswith("no heartbeat within 35s (last 100s ago")
+
+
+def test_health_fails_once_the_agent_stopped(config: Config, store: Store) -> None:
+    beat(store, 0.5, state="stopping")
+    reason = health(config, 600, time.time())
+    assert reason is not None
+    assert "stopped" in reason
+
+
+def test_health_fails_when_delivery_is_stuck(
+    config: Config, store: Store, writer: AdwWriter
+) -> None:
+    fill(config, store, writer)
+    beat(store, 0.0)
+    assert health(config, 600, time.time()) is None
+    store.db.execute("UPDATE outbox SET created = created - 1000")
+    reason = health(config, 600, time.time())
+    assert reason is not None
+    assert reason.startswith("delivery stuck: oldest undelivered event is 100")
+
+
+def test_dead_letters_list_and_requeue_keep_id_and_seq(
+    config: Config, store: Store, writer: AdwWriter
+) -> None:
+    fill(config, store, writer)
+    first = dead_letter_head(store)
+    second = dead_letter_head(store, status=422)
+
+    listed = dead_letters(config, None, False)["dead_letters"]
+    assert [(d["seq"], d["status"]) for d in listed] == [(first.seq, 400), (second.seq, 422)]
+
+    assert dead_letters(config, second.seq, False) == {"requeued": 1}
+    assert dead_letters(config, second.seq, False) == {"requeued": 0}
+    assert dead_letters(config, None, True) == {"requeued": 1}
+    assert dead_letters(config, None, False) == {"dead_letters": []}
+
+    head = store.head()
+    assert head is not None
+    assert (head.seq, head.event_id) == (first.seq, first.event_id)
+    assert json.loads(head.body)["event_id"] == first.event_id
+    row = store.db.execute("SELECT event_id FROM outbox WHERE seq = ?", (second.seq,)).fetchone()
+    assert row == (second.event_id,)
+
+
+def test_dead_letters_never_creates_a_store(config: Config) -> None:
+    with pytest.raises(StorageError):
+        dead_letters(config, None, True)
+    assert not (config.storage.dir / "agent.sqlite3").exists()
