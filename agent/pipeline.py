@@ -259,8 +259,9 @@ class Pipeline:
                 newly.append(phase)
         by_phase = (tx.get_json("cost") or {}).get("by_phase", {})
         for i, phase in enumerate(newly):
-            last = i == len(newly) - 1
-            current = now["current"] if last else None
+            # Several phases completed in one write: each intermediate update names the next
+            # completed phase as current, so none of them claims the workflow has finished.
+            current = newly[i + 1] if i + 1 < len(newly) else now["current"]
             tx.emit(
                 "phase_update",
                 {
