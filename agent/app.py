@@ -59,8 +59,14 @@ class _Timers:
 class Agent:
     """One agent for one run directory."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        notifier: Notifier | None = None,
+        early_signals: list[int] | None = None,
+    ) -> None:
         self.config = config
+        self._early_signals = early_signals if early_signals is not None else []
         self.notifier = notifier or Notifier()
         self.should_exit = asyncio.Event()
         self._reload = False
@@ -83,6 +89,8 @@ class Agent:
         """Run until SIGTERM/SIGINT. Returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
+        if self._early_signals:
+            self.should_exit.set()
         try:
             await self.startup()
         except AgentError as exc:
@@ -495,10 +503,14 @@ class Agent:
         return line
 
 
-async def serve(config: Config) -> int:
-    return await Agent(config).run()
+async def serve(config: Config, early_signals: list[int] | None = None) -> int:
+    return await Agent(config, early_signals=early_signals).run()
 
 
-def run(config: Config) -> int:
-    """Run the agent to completion in a fresh event loop."""
-    return asyncio.run(serve(config))
+def run(config: Config, early_signals: list[int] | None = None) -> int:
+    """Run the agent to completion in a fresh event loop.
+
+    ``early_signals`` collects stop signals caught before the loop existed; if it is not empty
+    when the loop starts, the agent starts up and shuts down at once, cleanly.
+    """
+    return asyncio.run(serve(config, early_signals))

@@ -8,6 +8,7 @@ from restarting in a loop).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +36,11 @@ def _config(args: argparse.Namespace, check: bool = True) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A stop request that arrives while the agent is still starting must end in a clean
+    # shutdown, not in death by the default SIGTERM action: remember it until the loop runs.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     from agent import app, logs  # noqa: PLC0415  (keeps light commands fast)
 
     config = _config(args)
@@ -43,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.adw_id,
         config.token.get_secret_value() if config.token else None,
     )
-    return app.run(config)
+    return app.run(config, early)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -380,6 +380,9 @@ class Pipeline:
                     path=str(self.run_dir / agent),
                 )
             return False
+        # A transcript seen for the first time is news even when empty: an agent has started,
+        # so the run's cost is no longer final.
+        fresh = tx.get(key) is None
         entry = self._load(tx, key)
         try:
             chunk = entry.reader.read(_READ_BUDGET)
@@ -393,7 +396,7 @@ class Pipeline:
                 path=str(entry.reader.path),
             )
             return False
-        changed = False
+        changed = fresh
         if chunk.restarted:
             entry.ledger.new_attempt()
             changed = True
@@ -411,7 +414,7 @@ class Pipeline:
                 )
                 continue
             changed |= entry.ledger.feed(line)
-        if chunk.lines or chunk.restarted or chunk.skipped:
+        if fresh or chunk.lines or chunk.restarted or chunk.skipped:
             tx.put_json(
                 key,
                 {
@@ -420,7 +423,7 @@ class Pipeline:
                     "bad_lines": entry.bad_lines,
                 },
             )
-        if getattr(chunk, "more_pending", False):
+        if chunk.more_pending:
             outcome.more.add(key)
         return changed
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -41,6 +42,9 @@ class Reply:
     body: bytes = b'{"ok":true}'
     delay: float = 0.0  # answer after this many seconds ("slow" or, past the timeout, "hang")
     reset: bool = False  # close the connection with RST instead of answering
+    # Store a 2xx event *before* the delay/reset/answer, like a backend that commits and then
+    # answers: if the answer is lost (reset, client killed or gone) the agent sends it again.
+    commit: bool = False
 
 
 Policy = Callable[[dict[str, Any]], Reply]
@@ -56,31 +60,67 @@ class Received:
 
 
 class Backend:
-    """A real HTTP backend that records every request and answers as ``policy`` says."""
+    """A real HTTP backend that records every request and answers as ``policy`` says.
 
-    def __init__(self, port: int = 0) -> None:
+    With ``ssl_context`` it serves HTTPS. :meth:`go_down` / :meth:`go_up` take the listener away
+    and back on the same port (connections are refused meanwhile, open ones are cut).
+    """
+
+    def __init__(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.requests: list[Received] = []
         self.accepted: dict[str, dict[str, Any]] = {}  # event_id -> event (2xx answered)
         self.order: list[str] = []  # event_ids in first-accepted order
+        # Every 2xx the backend stored, repeats included: (event_id, seq, raw body).
+        self.deliveries: list[tuple[str, int, bytes]] = []
         self.policy: Policy = lambda event: Reply()
         self._cond = threading.Condition()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.server.daemon_threads = True
-        self.server.allow_reuse_address = True
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._ssl = ssl_context
+        self._conns: set[socket.socket] = set()
+        self.server = self._listen(port)
+        self._port = int(self.server.server_address[1])
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        server.daemon_threads = True
+        if self._ssl is not None:
+            server.socket = self._ssl.wrap_socket(server.socket, server_side=True)
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
+        return server
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self.server is not None
+
+    def go_down(self) -> None:
+        """Stop listening and cut every open connection: the agent sees connection errors."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._cond:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def go_up(self) -> None:
+        """Listen again on the same port."""
+        if self.server is None:
+            self.server = self._listen(self._port)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.go_down()
 
     # what the tests look at
 
@@ -125,16 +165,43 @@ class Backend:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with backend._cond:
+                    backend._conns.add(self.connection)
+
+            def finish(self) -> None:
+                with backend._cond:
+                    backend._conns.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+            def _store(self, event: dict[str, Any], body: bytes) -> None:
+                with backend._cond:
+                    backend.deliveries.append((event["event_id"], event.get("seq", -1), body))
+                    if event["event_id"] not in backend.accepted:
+                        backend.accepted[event["event_id"]] = event
+                        backend.order.append(event["event_id"])
+                    backend._cond.notify_all()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
-                event = json.loads(body)
+                try:
+                    event = json.loads(body)
+                except ValueError:
+                    # The client died half way through sending: nothing to answer.
+                    self.close_connection = True
+                    return
                 reply = backend.policy(event)
                 with backend._cond:
                     backend.requests.append(
                         Received(event, dict(self.headers), self.path, time.time(), reply.status)
                     )
                     backend._cond.notify_all()
+                ok = 200 <= reply.status < 300
+                if ok and reply.commit:
+                    self._store(event, body)
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.reset:
@@ -153,12 +220,8 @@ class Backend:
                     self.wfile.write(reply.body)
                 except OSError:
                     return  # the client gave up (timeout): nothing was accepted
-                if 200 <= reply.status < 300:
-                    with backend._cond:
-                        if event["event_id"] not in backend.accepted:
-                            backend.accepted[event["event_id"]] = event
-                            backend.order.append(event["event_id"])
-                        backend._cond.notify_all()
+                if ok and not reply.commit:
+                    self._store(event, body)
 
         return Handler
 
@@ -196,8 +259,10 @@ class AgentProcess:
         self.log = log
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     def start(self) -> AgentProcess:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
@@ -206,6 +271,11 @@ class AgentProcess:
                 stderr=err,
                 env=self.env,
             )
+        return self
+
+    def wait_started(self, timeout: float = 20.0) -> AgentProcess:
+        """Wait until the agent has queued its startup snapshot and handles signals."""
+        self.wait_log(lambda entry: entry.get("message") == "agent started", timeout)
         return self
 
     def kill9(self) -> None:
@@ -228,8 +298,12 @@ class AgentProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def logs(self) -> list[dict[str, Any]]:
+        """This process's JSON log lines (earlier processes sharing the file are left out)."""
+        with self.log.open("rb") as f:
+            f.seek(self._log_offset)
+            text = f.read().decode(errors="replace")
         out = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in text.splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
         return out
