@@ -239,6 +239,8 @@ class Agent:
         self.config = new
         self.pipeline.config = new
         self._reschedule(old, new)
+        if new.log.level != old.log.level:
+            logging.getLogger("adw_agent").setLevel(new.log.level.upper())
         # A new backend or token deserves a fresh attempt; anything queued goes there.
         self.sender.wake()
         log.info("configuration reloaded", extra={"backend": new.backend.url})

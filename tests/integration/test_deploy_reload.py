@@ -69,6 +69,11 @@ def test_queued_events_follow_the_backend_switch_with_their_ids(
     state = [e for e in events if e["type"] == "workflow_update"][-1]
     assert state["data"]["issue_class"] == "/bug"
     assert agent.stop() == 0
+    # The new log level applied too: no debug lines after the reload.
+    logs = agent.logs()
+    after = logs[logs.index(line) :]
+    assert after
+    assert [e for e in after if e["level"] == "debug"] == []
 
 
 def test_a_broken_config_on_reload_is_logged_and_the_old_one_kept(

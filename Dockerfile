@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+#
+# adw-agent as a container: one container per ADW run directory, next to the workflow that
+# writes it (see docker-compose.example.yml and docs/deploy.md).
+#
+#   docker build -t adw-agent:0.1.0 .
+#
+# The image holds no configuration and no secret. At run time it expects:
+#   /etc/adw-agent/agent.toml   the config (read-only mount)
+#   the run directory           a read-only mount, named by adw.dir
+#   /var/lib/adw-agent          storage.dir, a volume (the only place the agent writes)
+#   the token                   a secret file named by backend.token_file, or ADW_AGENT_TOKEN
+# It runs as uid 10001 and works with a read-only root file system.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY agent ./agent
+# A virtual environment is one self-contained directory: the runtime stage copies only it.
+# pip compiles the bytecode here, so nothing is written at run time.
+RUN python -m venv /opt/adw-agent \
+    && /opt/adw-agent/bin/pip install . \
+    && /opt/adw-agent/bin/pip uninstall --yes pip
+
+FROM ${PYTHON_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/adw-agent/bin:$PATH
+RUN groupadd --system --gid 10001 adw-agent \
+    && useradd --system --uid 10001 --gid adw-agent --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin adw-agent \
+    && install -d -o adw-agent -g adw-agent -m 0700 /var/lib/adw-agent
+COPY --from=build /opt/adw-agent /opt/adw-agent
+USER 10001:10001
+# A new named volume takes this directory's owner, so the agent can write its store there.
+VOLUME ["/var/lib/adw-agent"]
+STOPSIGNAL SIGTERM
+# Healthy while the agent writes heartbeats (every intervals.heartbeat) and nothing waits in the
+# outbox for longer than --max-stuck seconds.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["adw-agent", "healthcheck", "--config", "/etc/adw-agent/agent.toml"]
+ENTRYPOINT ["adw-agent"]
+CMD ["run", "--config", "/etc/adw-agent/agent.toml"]
