@@ -4,6 +4,7 @@ AF_UNIX datagram socket bound by the test, as systemd does for ``Type=notify``."
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -139,4 +140,29 @@ def test_sighup_reports_reloading_then_ready(
     assert reload[0].startswith("MONOTONIC_USEC=")
     assert int(reload[0].removeprefix("MONOTONIC_USEC=")) > 0
     agent.wait_log(lambda e: e.get("message") == "configuration reloaded")
+    assert agent.stop() == 0
+
+
+def test_watchdog_keeps_being_fed_while_waiting_for_a_removed_run_directory(
+    backend: Backend,
+    notify: NotifySocket,
+    run_dir: Path,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    # Waiting for the directory is the main loop doing its job, not a hang: systemd must not
+    # kill the agent for it.
+    agent = start_agent(
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
+        watch={"rescan_interval": 0.2},
+    )
+    notify.wait_for(lambda ls: "READY=1" in ls)
+    shutil.rmtree(run_dir)
+    agent.wait_log(lambda e: e.get("message") == "the run directory is gone; waiting for it")
+    lines = notify.wait_for(
+        lambda ls: any(ln.startswith("STATUS=waiting for the run directory") for ln in ls)
+    )
+    start = max(i for i, ln in enumerate(lines) if ln.startswith("STATUS=waiting"))
+    notify.wait_for(lambda ls: ls[start:].count("WATCHDOG=1") >= 3)
+    assert agent.running()
+    assert not any("withholding the watchdog ping" in e.get("message", "") for e in agent.logs())
     assert agent.stop() == 0

@@ -134,3 +134,33 @@ def test_restart_only_keys_are_kept_with_a_warning(
     backend.wait_for(lambda evs: sum(e["type"] == "agent_status" for e in evs) >= before + 2)
     assert not elsewhere.exists()
     assert agent.stop() == 0
+
+
+def test_a_new_token_in_the_token_file_is_used_after_reload(
+    backend: Backend, tmp_path: Path, run_dir: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    token = tmp_path / "adw-token"
+    token.write_text("first-token-value\n")
+    agent = start_agent(backend={"token_file": str(token)})
+    backend.wait_for(lambda evs: any(e["type"] == "agent_status" for e in evs))
+    assert backend.requests[-1].headers["Authorization"] == "Bearer first-token-value"
+
+    token.write_text("second-token-value\n")
+    rewrite(
+        agent,
+        run_dir,
+        backend.url,
+        backend={"token_file": str(token)},
+        intervals={"heartbeat": 0.2},  # so that something is sent after the reload
+    )
+    assert reload(agent)["message"] == "configuration reloaded"
+    # Heartbeats follow every 0.2 s; one sent with the new token proves the reload.
+    bearer = [r.headers["Authorization"] for r in backend.requests]
+    while "Bearer second-token-value" not in bearer:
+        bearer = [r.headers["Authorization"] for r in backend.wait_requests(len(bearer) + 1)]
+    switched = bearer.index("Bearer second-token-value")
+    assert set(bearer[switched:]) == {"Bearer second-token-value"}
+    assert agent.stop() == 0
+    text = agent.log.read_text()
+    assert "first-token-value" not in text
+    assert "second-token-value" not in text
