@@ -345,7 +345,9 @@ class Agent:
         due = [k for k, r in t.retries.items() if r.due <= now]
         if due:
             self._process(set(due))
-        if now >= t.rescan:
+        # A watcher that stopped by itself (its directory was deleted) is healed at once,
+        # not at the next rescan.
+        if now >= t.rescan or not (self._watch_paused or self.watcher.alive()):
             t.rescan = now + self.config.watch.rescan_interval
             self._reconcile()
         if now >= t.resync:
@@ -435,11 +437,13 @@ class Agent:
         except OSError:
             ino = None
         if ino is None:
-            if self.watcher.alive():
+            # The watcher may already have stopped by itself (watchdog ends the emitter when
+            # the watched directory is deleted): warn once per disappearance either way.
+            if not self._watch_paused:
                 log.warning(
                     "the run directory is gone; waiting for it", extra={"path": str(run_dir)}
                 )
-                self.watcher.stop()
+            self.watcher.stop()
             self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
             return

@@ -120,7 +120,13 @@ class Watcher:
         self.active = kind
 
     def alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """Whether changes are still reported. When the watched directory itself is deleted,
+        watchdog stops its emitter but not the observer thread: both must be running."""
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        emitters = list(observer.emitters)
+        return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None

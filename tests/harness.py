@@ -161,6 +161,9 @@ class Backend:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The status line and headers go out in one write and the body in another: with
+            # Nagle's algorithm on, each answer would wait ~40 ms for the client's delayed ACK.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -254,10 +257,18 @@ def write_config(
 class AgentProcess:
     """``python -m agent run --config F`` as a child process, its stderr kept in a file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A command the agent runs under, e.g. ``setpriv`` to drop privileges (it must exec).
+        self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -265,7 +276,7 @@ class AgentProcess:
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+                [*self.prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
