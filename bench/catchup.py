@@ -57,12 +57,11 @@ def _startup_s(work: Path, receiver: ReceiverProcess) -> float:
         agent.stop()
 
 
-def agent_catchup(work: Path, total_bytes: int) -> dict[str, Any]:
+def agent_catchup(work: Path, total_bytes: int, startup: float) -> dict[str, Any]:
     run_dir = work / "agents" / f"c{total_bytes // MB:07d}"
     true_cost, size = make_run_dir(run_dir, total_bytes)
     receiver = ReceiverProcess(ROOT)
     try:
-        startup = _startup_s(work, receiver)
         agent = Agent(work, run_dir, receiver.url, name=f"catchup{total_bytes // MB}").start()
         try:
             adw = agent.adw_id
@@ -139,7 +138,12 @@ def _total_cost(report: Any) -> float | None:
 
 
 def run(work: Path, sizes_mb: list[int], cli_mb: int) -> dict[str, Any]:
+    receiver = ReceiverProcess(ROOT)
+    try:
+        startup = _startup_s(work, receiver)
+    finally:
+        receiver.stop()
     return {
-        "agent": [agent_catchup(work, mb * MB) for mb in sizes_mb],
+        "agent": [agent_catchup(work, mb * MB, startup) for mb in sizes_mb],
         "cost_cli": cost_cli(work, cli_mb * MB),
     }

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,23 +63,28 @@ def run_scenarios(plan: Plan, only: set[str], work: Path) -> dict[str, Any]:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        scratch = work / name
-        if name == "latency":
-            results[name] = latency.run(
-                scratch, plan.changes, plan.rate, plan.burst, list(plan.poll_intervals)
-            )
-        elif name == "catchup":
-            results[name] = catchup.run(scratch, list(plan.catchup_mb), plan.cli_mb)
-        elif name == "idle":
-            results[name] = {
-                "one": idle.run(scratch, 1, plan.idle_window, list(plan.poll_intervals)),
-                "many": idle.run(scratch, plan.idle_many, plan.idle_window),
-            }
-        elif name == "drain":
-            results[name] = drain.run(scratch, plan.drain_events)
+        try:
+            results[name] = _run_one(name, plan, work / name)
+        except Exception:
+            # Keep going: one broken scenario should not cost the numbers of the others.
+            results[name] = {"error": traceback.format_exc()}
+            print(results[name]["error"], file=sys.stderr, flush=True)
         timings[name] = round(time.monotonic() - started, 1)
     results["scenario_seconds"] = timings
     return results
+
+
+def _run_one(name: str, plan: Plan, scratch: Path) -> Any:
+    if name == "latency":
+        return latency.run(scratch, plan.changes, plan.rate, plan.burst, list(plan.poll_intervals))
+    if name == "catchup":
+        return catchup.run(scratch, list(plan.catchup_mb), plan.cli_mb)
+    if name == "idle":
+        return {
+            "one": idle.run(scratch, 1, plan.idle_window, list(plan.poll_intervals)),
+            "many": idle.run(scratch, plan.idle_many, plan.idle_window),
+        }
+    return drain.run(scratch, plan.drain_events)
 
 
 # -- verdicts and the table ----------------------------------------------------------------
@@ -87,6 +93,7 @@ def run_scenarios(plan: Plan, only: set[str], work: Path) -> dict[str, Any]:
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with the measured value and whether it is met."""
     out: list[dict[str, Any]] = []
+    results = {k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
 
     def add(name: str, value: Any, limit: float, higher_is_better: bool = False) -> None:
         met = None if value is None else (value >= limit if higher_is_better else value <= limit)
@@ -129,6 +136,10 @@ def _fmt(value: Any) -> str:
 
 def table(results: dict[str, Any]) -> str:
     lines: list[str] = []
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    for name in failed:
+        lines.append(f"{name}: FAILED (see the error in the JSON results)")
+    results = {k: v for k, v in results.items() if k not in failed}
     lat = results.get("latency")
     if lat:
         lines.append(
@@ -236,4 +247,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{results['mode']} run took {results['total_seconds']:.0f} s", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    failed = [k for k in SCENARIOS if isinstance(results.get(k), dict) and "error" in results[k]]
+    return 1 if failed else 0
