@@ -43,7 +43,7 @@ def test_envelope_accepts_a_well_formed_event() -> None:
     [
         ("type", "something_else"),
         ("source", "poll"),
-        ("seq", 0),
+        ("seq", -1),
         ("event_id", None),
     ],
 )
