@@ -75,6 +75,10 @@ class Agent:
         self._last_change = 0.0
         self._timers = _Timers()
         self._storage_error: str | None = None
+        # While the store cannot be written: an agent_status sent directly, and whether the
+        # startup snapshot still has to be queued.
+        self._direct: asyncio.Task[bool] | None = None
+        self._sync_pending = False
         self._dir_ino: int | None = None
         # True while the agent deliberately is not watching (run directory gone, watcher could
         # not start): the main loop is handling it, so the watchdog keeps being fed.
@@ -112,7 +116,8 @@ class Agent:
         self.watcher = Watcher(cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice)
         self._start_watcher()
         self._status("starting")
-        self._handle(self.pipeline.all_keys(), self.pipeline.snapshot())
+        # A full disk must not stop the agent from starting: the snapshot waits for the store.
+        self._sync()
         self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
         self.sender.wake()
         now = time.monotonic()
@@ -164,6 +169,9 @@ class Agent:
             deadline = time.monotonic() + self.config.delivery.drain_timeout
             while not task.done() and time.monotonic() < deadline and not self._drained():
                 await asyncio.sleep(0.02)
+            if self._direct is not None and not self._direct.done():
+                # The last status could only be sent directly (the store is not writable).
+                await asyncio.wait({self._direct}, timeout=max(0.0, deadline - time.monotonic()))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             left = self.store.stats()["outbox_depth"]
@@ -172,6 +180,9 @@ class Agent:
         await self._close()
 
     async def _close(self) -> None:
+        if self._direct is not None:
+            self._direct.cancel()
+            await asyncio.gather(self._direct, return_exceptions=True)
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()
@@ -342,9 +353,14 @@ class Agent:
             self._changed.clear()
         now = time.monotonic()
         t = self._timers
-        due = [k for k, r in t.retries.items() if r.due <= now]
+        due = {k for k, r in t.retries.items() if r.due <= now}
+        if "storage" in due:
+            # Only a real write proves the store is back: try to queue a status.
+            due.discard("storage")
+            if self._status("running", direct=False):
+                self._storage_ok()
         if due:
-            self._process(set(due))
+            self._process(due)
         # A watcher that stopped by itself (its directory was deleted) is healed at once,
         # not at the next rescan.
         if now >= t.rescan or not (self._watch_paused or self.watcher.alive()):
@@ -368,24 +384,29 @@ class Agent:
                 log.error("watcher or sender is not running; withholding the watchdog ping")
 
     def _process(self, keys: set[str]) -> None:
+        before = self.store.db.total_changes
         try:
             outcome = self.pipeline.process(keys)
         except StorageError as exc:
             self._storage_failed(exc, keys)
             return
-        self._handle(keys, outcome)
+        self._handle(keys, outcome, self.store.db.total_changes > before)
 
     def _sync(self) -> None:
         try:
             outcome = self.pipeline.snapshot()
         except StorageError as exc:
+            self._sync_pending = True
             self._storage_failed(exc, {"rescan"})
             return
-        self._handle(self.pipeline.all_keys(), outcome)
+        self._sync_pending = False
+        self._handle(self.pipeline.all_keys(), outcome, wrote=True)
 
-    def _handle(self, keys: set[str], outcome: Outcome) -> None:
+    def _handle(self, keys: set[str], outcome: Outcome, wrote: bool) -> None:
         """Schedule parse retries and follow-up reads after a successful batch."""
-        self._storage_ok()
+        if wrote or self._storage_error is None:
+            # A batch that wrote nothing proves nothing about a failing store.
+            self._storage_ok()
         retries = self._timers.retries
         now = time.monotonic()
         for key in keys:
@@ -407,25 +428,44 @@ class Agent:
 
     # -- storage health ---------------------------------------------------------------------
 
-    def _storage_failed(self, exc: StorageError, keys: set[str]) -> None:
-        if self._storage_error is None:
+    def _storage_failed(self, exc: StorageError, keys: set[str], state: str = "running") -> None:
+        first = self._storage_error is None
+        self._storage_error = str(exc)
+        if first:
             log.error(
                 "cannot write the store under %s: %s. Changes are kept and read again when "
                 "it recovers",
                 self.config.storage.dir,
                 exc,
             )
-        self._storage_error = str(exc)
+            self._send_status_directly(state)
         self._pending |= keys
         retry = self._timers.retries.setdefault("storage", _Retry(0.0))
         retry.due = time.monotonic() + _STORAGE_RETRY
         retry.attempts = 0
 
     def _storage_ok(self) -> None:
+        self._timers.retries.pop("storage", None)
         if self._storage_error is not None:
             log.warning("the store is writable again")
             self._storage_error = None
-        self._timers.retries.pop("storage", None)
+            if self._sync_pending:
+                self._sync()
+            self._status("running")  # tells the backend it is over
+
+    def _send_status_directly(self, state: str) -> None:
+        """The backend must hear about a store that cannot be written, and the status cannot
+        be queued: send it outside the outbox (best effort, ``seq`` 0), one at a time."""
+        if self._direct is not None and not self._direct.done():
+            return
+        try:
+            data = self._status_data(state)
+        except Exception as exc:  # the store cannot even be read: say what we know
+            log.debug("no outbox statistics for the direct status: %s", exc)
+            data = self._status_data(state, {})
+        self._direct = asyncio.create_task(
+            self.sender.send_direct("agent_status", data), name="direct-status"
+        )
 
     # -- periodic work ----------------------------------------------------------------------
 
@@ -465,18 +505,24 @@ class Agent:
             self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
 
-    def _status(self, state: str) -> None:
-        stats = self.store.stats()
-        data: dict[str, Any] = {
+    def _status_data(self, state: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        stats = self.store.stats() if stats is None else stats
+        return {
             "state": state,
             "version": __version__,
             "adw_id": self.config.adw_id,
-            "outbox_depth": stats["outbox_depth"],
-            "oldest_undelivered_age": stats["oldest_undelivered_age"],
+            "outbox_depth": stats.get("outbox_depth", 0),
+            "oldest_undelivered_age": stats.get("oldest_undelivered_age"),
             "last_delivery_error": self.sender.last_error,
             "storage_error": self._storage_error,
-            "dead_letters": stats["dead_letters"],
+            "dead_letters": stats.get("dead_letters", 0),
         }
+
+    def _status(self, state: str, direct: bool = True) -> bool:
+        """Queue an agent_status; True if it was written. When the store cannot be written
+        and ``direct``, it goes to the backend directly instead."""
+        stats = self.store.stats()
+        data = self._status_data(state, stats)
         try:
             with self.store.transaction() as tx:
                 tx.emit("agent_status", data, "event")
@@ -485,12 +531,16 @@ class Agent:
                 "heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state}
             )
         except StorageError as exc:
-            self._storage_failed(exc, set())
-            log.error("agent status could not be queued", extra={"storage_error": str(exc)})
-            return
+            if direct and self._storage_error is not None:
+                # Still failing: the heartbeat goes out directly instead.
+                log.warning("agent status could not be queued; sending it directly")
+                self._send_status_directly(state)
+            self._storage_failed(exc, set(), state)
+            return False
         finally:
             self.notifier.send(self._status_line(state, stats))
         self.sender.wake()
+        return True
 
     def _status_line(self, state: str | None = None, stats: dict[str, Any] | None = None) -> str:
         """One ``STATUS=`` line for ``systemctl status``: what the agent does, and its backlog."""

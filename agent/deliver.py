@@ -16,10 +16,12 @@ import math
 import random
 import ssl
 import time
+import uuid
 from datetime import UTC
 from typing import Any
 
 import httpx
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -31,8 +33,9 @@ from tenacity.wait import wait_base
 
 from agent import __version__
 from agent.config import Config
-from agent.errors import PermanentDelivery, RetryableDelivery, StorageError
-from agent.outbox import Queued, Store
+from agent.errors import DeliveryError, PermanentDelivery, RetryableDelivery, StorageError
+from agent.events import check_data
+from agent.outbox import Queued, Store, utc_now
 
 log = logging.getLogger("adw_agent.deliver")
 
@@ -124,6 +127,7 @@ class Sender:
         self._client = client
         self._wake = asyncio.Event()
         self._auth_warned = False
+        self._storage_warned = False
         self.last_error: str | None = None
         self.last_success: float | None = None
         self.delivered = 0
@@ -151,11 +155,39 @@ class Sender:
                 continue
             try:
                 await self._deliver(event)
+                self._storage_warned = False
             except StorageError as exc:
                 # The answer could not be recorded: the event stays queued and is sent again
-                # under the same event_id once the store is writable.
-                log.error("cannot record a delivery result: %s", exc, extra=_fields(event))
+                # under the same event_id once the store is writable. Said once, not every try.
+                if not self._storage_warned:
+                    self._storage_warned = True
+                    log.error("cannot record a delivery result: %s", exc, extra=_fields(event))
                 await asyncio.sleep(_STORAGE_RETRY)
+
+    async def send_direct(self, event_type: str, data: dict[str, Any]) -> bool:
+        """POST one event that could not be queued because the store cannot be written.
+
+        Best effort: one attempt, never re-sent. It carries ``seq`` 0, outside the ADW's
+        sequence, so it cannot reorder or be mistaken for a queued event. Returns whether the
+        backend accepted it.
+        """
+        event_id = str(uuid.uuid4())
+        envelope = {
+            "type": event_type,
+            "event_id": event_id,
+            "adw_id": self._store.adw_id,
+            "seq": 0,
+            "timestamp": utc_now(),
+            "source": "event",
+            "data": check_data(event_type, data),
+        }
+        event = Queued(0, event_id, event_type, time.time(), 0, orjson.dumps(envelope))
+        try:
+            await self._post(event)
+        except DeliveryError as exc:
+            log.warning("could not send %s directly: %s", event_type, exc, extra=_fields(event))
+            return False
+        return True
 
     def idle(self) -> bool:
         """Nothing left to send."""

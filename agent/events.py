@@ -4,6 +4,10 @@ Every event is POSTed as JSON to ``{backend.url}{backend.event_path}`` with ``{t
 ``event_id`` never changes across retries and is sent as the ``Idempotency-Key`` header, so a
 backend that deduplicates by it sees each event once. ``seq`` strictly increases per ADW and
 survives restarts; a gap means a coalesced snapshot was replaced by a later one.
+
+The one exception is ``seq`` 0: an ``agent_status`` sent while the store cannot be written (disk
+full), which therefore could not be queued. It is sent once, best effort, outside the sequence,
+so it never reorders or stands in for a queued event.
 """
 
 from __future__ import annotations
@@ -109,7 +113,11 @@ class Event(BaseModel):
     type: EventType
     event_id: str
     adw_id: str
-    seq: int = Field(ge=1)
+    seq: int = Field(
+        ge=0,
+        description="Strictly increasing per ADW; 0 only on an agent_status sent outside the "
+        "outbox because the store could not be written.",
+    )
     timestamp: str = Field(description="ISO 8601, UTC, when the agent observed the change.")
     source: Source
     data: dict[str, Any]
