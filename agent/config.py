@@ -271,7 +271,18 @@ def _read_secret(path: Path, what: str) -> SecretStr:
         raise ConfigError(f"{what}: cannot read {path}: {reason}") from None
     if not text:
         raise ConfigError(f"{what}: {path} is empty")
-    return SecretStr(text)
+    return _header_safe(text, f"{what}: {path}")
+
+
+def _header_safe(token: str, where: str) -> SecretStr:
+    """The token goes into an HTTP header: only visible ASCII can. Anything else would fail
+    on every request, and the HTTP library's error would quote the header, token included,
+    so it is refused here with a message that never shows it."""
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"{where}: the token must be visible ASCII without spaces or control characters"
+        )
+    return SecretStr(token)
 
 
 def _token(data: Mapping[str, Any], environ: Mapping[str, str]) -> SecretStr | None:
@@ -280,7 +291,7 @@ def _token(data: Mapping[str, Any], environ: Mapping[str, str]) -> SecretStr | N
     if isinstance(token_file, str):
         return _read_secret(Path(token_file), "backend.token_file")
     if environ.get(TOKEN_ENV, "").strip():
-        return SecretStr(environ[TOKEN_ENV].strip())
+        return _header_safe(environ[TOKEN_ENV].strip(), TOKEN_ENV)
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_NAME).is_file():
         return _read_secret(Path(cred_dir) / CREDENTIAL_NAME, "CREDENTIALS_DIRECTORY")

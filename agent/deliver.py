@@ -65,12 +65,18 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def classify(response: httpx.Response) -> None:
-    """Raise the delivery error a non-2xx response means; return for a 2xx."""
+def classify(response: httpx.Response, secret: str | None = None) -> None:
+    """Raise the delivery error a non-2xx response means; return for a 2xx.
+
+    The body excerpt is kept (dead letters, logs, status), so ``secret`` (the token), should
+    a careless backend echo it back, is redacted from it first.
+    """
     status = response.status_code
     if 200 <= status < 300:
         return
     body = response.text[:_RESPONSE_EXCERPT]
+    if secret:
+        body = body.replace(secret, "<redacted>")
     if status in RETRYABLE_STATUS or status >= 500:
         raise RetryableDelivery(
             f"backend answered {status}",
@@ -234,7 +240,8 @@ class Sender:
         except httpx.HTTPError as exc:
             # E.g. a body that cannot be decoded: the backend may answer properly next time.
             raise RetryableDelivery(f"request failed ({type(exc).__name__})") from None
-        classify(response)
+        token = self._config.token
+        classify(response, token.get_secret_value() if token is not None else None)
         log.debug(
             "event delivered",
             extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),
