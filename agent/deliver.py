@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib.util
 import logging
 import math
 import random
 import ssl
+import sys
 import time
 import uuid
 from datetime import UTC
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -38,6 +40,23 @@ from agent.events import check_data
 from agent.outbox import Queued, Store, utc_now
 
 log = logging.getLogger("adw_agent.deliver")
+
+
+def _remember_that_sniffio_is_missing() -> None:
+    """Make httpcore's per-request ``import sniffio`` fail fast when sniffio is not installed.
+
+    httpcore imports the optional ``sniffio`` inside the locks and cancellation shields it sets
+    up for every request. Python does not cache a failed import, so without sniffio each of
+    those imports searched sys.path again: about a quarter of the sender's CPU per event (py-spy;
+    see BENCHMARKS.md). Recording the absence once gives the same ImportError at once. With
+    sniffio installed this does nothing.
+    """
+    if importlib.util.find_spec("sniffio") is None:
+        # None in sys.modules is the documented way to say "no such module" (typeshed omits it).
+        cast(dict[str, Any], sys.modules).setdefault("sniffio", None)
+
+
+_remember_that_sniffio_is_missing()
 
 RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
 MAX_RETRY_AFTER = 600.0

@@ -74,7 +74,8 @@ class Recorder:
                 await writer.drain()
                 if close:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            # CancelledError: the receiver is stopping; end quietly.
             return
         finally:
             writer.close()
