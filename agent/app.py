@@ -11,6 +11,7 @@ last status, drain the outbox for at most ``delivery.drain_timeout``, close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -72,6 +73,9 @@ class Agent:
         self._reload = False
         self._changed = asyncio.Event()
         self._pending: set[str] = set()
+        # Pending keys whose last event was their writer closing them (see _debounce).
+        self._closed: set[str] = set()
+        self._noted = asyncio.Event()
         self._last_change = 0.0
         self._timers = _Timers()
         self._storage_error: str | None = None
@@ -113,7 +117,9 @@ class Agent:
         self.pipeline = Pipeline(cfg, self.store)
         self.client = build_client(cfg)
         self.sender = Sender(cfg, self.store, self.client)
-        self.watcher = Watcher(cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice)
+        self.watcher = Watcher(
+            cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice, self._notice_closed
+        )
         self._start_watcher()
         self._status("starting")
         # A full disk must not stop the agent from starting: the snapshot waits for the store.
@@ -272,7 +278,11 @@ class Agent:
             running = self.watcher.alive()
             self.watcher.stop()
             self.watcher = Watcher(
-                new.adw.dir, new.watch.mode, new.watch.poll_interval, self._notice
+                new.adw.dir,
+                new.watch.mode,
+                new.watch.poll_interval,
+                self._notice,
+                self._notice_closed,
             )
             if running:
                 self._start_watcher()
@@ -298,13 +308,24 @@ class Agent:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._note, path)
 
-    def _note(self, path: str) -> None:
+    def _notice_closed(self, path: str) -> None:
+        """Like :meth:`_notice`, for a file its writer has just closed."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._note, path, True)
+
+    def _note(self, path: str, closed: bool = False) -> None:
         key = self.pipeline.classify(path)
         if key is None:
             return
         self._pending.add(key)
+        if closed:
+            self._closed.add(key)
+        else:
+            self._closed.discard(key)
         self._last_change = time.monotonic()
         self._changed.set()
+        self._noted.set()
 
     def _next_deadline(self) -> float:
         t = self._timers
@@ -327,19 +348,26 @@ class Agent:
             task.cancel()
 
     async def _debounce(self) -> None:
+        """Wait until changes pause for ``watch.debounce_ms`` (at most 20 windows), so that a
+        write is read once it is complete. A file whose writer closed it is complete already:
+        when every pending file is, there is nothing to wait for (an in-place rewrite of the
+        state is then read at once instead of a window later)."""
         window = self.config.watch.debounce_ms / 1000
         if window <= 0:
             return
         give_up = time.monotonic() + window * 20
-        while True:
+        while not self._pending <= self._closed:
             quiet_at = self._last_change + window
             now = time.monotonic()
             if now >= quiet_at or now >= give_up:
                 return
-            await asyncio.sleep(min(quiet_at, give_up) - now)
+            self._noted.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._noted.wait(), min(quiet_at, give_up) - now)
 
     def _take_pending(self) -> set[str]:
         keys, self._pending = self._pending, set()
+        self._closed.clear()
         self._changed.clear()
         return keys
 

@@ -46,10 +46,16 @@ WatchMode = Literal["auto", "inotify", "poll"]
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, on_change: Callable[[str], None]) -> None:
+    def __init__(
+        self, on_change: Callable[[str], None], on_closed: Callable[[str], None] | None
+    ) -> None:
         self._on_change = on_change
+        self._on_closed = on_closed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if self._on_closed is not None and isinstance(event, FileClosedEvent):
+            self._on_closed(_text(event.src_path))
+            return
         self._on_change(_text(event.src_path))
         dest = getattr(event, "dest_path", "")
         if dest:
@@ -67,7 +73,11 @@ def _inotify_observer() -> BaseObserver:
 
 
 class Watcher:
-    """Watches ``root`` recursively and calls ``on_change(path)`` for every relevant event."""
+    """Watches ``root`` recursively and calls ``on_change(path)`` for every relevant event.
+
+    With ``on_closed``, a file closed after writing (inotify's IN_CLOSE_WRITE) is reported there
+    instead: its writer is done with it, so it can be read at once. Polling never reports it.
+    """
 
     def __init__(
         self,
@@ -75,11 +85,13 @@ class Watcher:
         mode: WatchMode,
         poll_interval: float,
         on_change: Callable[[str], None],
+        on_closed: Callable[[str], None] | None = None,
     ) -> None:
         self.root = root
         self.mode = mode
         self.poll_interval = poll_interval
         self._on_change = on_change
+        self._on_closed = on_closed
         self._observer: BaseObserver | None = None
         #: The mechanism actually in use: "inotify" or "poll".
         self.active: Literal["inotify", "poll"] | None = None
@@ -105,7 +117,7 @@ class Watcher:
 
     def _start(self, observer: BaseObserver, kind: Literal["inotify", "poll"]) -> None:
         observer.schedule(
-            _Handler(self._on_change),
+            _Handler(self._on_change, self._on_closed),
             str(self.root),
             recursive=True,
             event_filter=_EVENTS,
