@@ -636,6 +636,27 @@ def guarantee_reached(expected: Expected) -> Callable[[list[dict[str, Any]]], bo
     return reached
 
 
+def await_guarantee(
+    backend: Backend,
+    expected: Expected,
+    timeout: float = 30.0,
+    outbox_seen: dict[int, tuple[str, str, bytes]] | None = None,
+) -> None:
+    """Wait until the run's final facts have arrived; on timeout, fail with what is missing
+    (the verdict of :func:`check_guarantee`) rather than the whole event list."""
+    try:
+        backend.wait_for(guarantee_reached(expected), timeout=timeout)
+    except AssertionError:
+        v = check_guarantee(backend, expected, None, outbox_seen)
+        lines = [f"LOST: {x}" for x in v.lost] + [f"PROBLEM: {x}" for x in v.problems]
+        more = f"\n... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        raise AssertionError(
+            f"the run's final facts did not arrive within {timeout:.0f}s:\n"
+            + "\n".join(lines[:20])
+            + more
+        ) from None
+
+
 # -- chaos -------------------------------------------------------------------------------------
 
 
@@ -784,7 +805,7 @@ def run_chaos(
         agent.kill9()
         remember_outbox()
         start_agent(agent)
-        backend.wait_for(guarantee_reached(sim.expected), timeout=90)
+        await_guarantee(backend, sim.expected, 90, seen)
         wait_until(drained(storage), "the outbox to drain", 60)
         code = agent.stop(timeout=30)
         if code != 0:

@@ -10,9 +10,9 @@ from typing import Any
 
 from tests.faults import (
     RunSimulator,
+    await_guarantee,
     check_guarantee,
     drained,
-    guarantee_reached,
     start_agent,
     store_counts,
     store_db,
@@ -87,7 +87,7 @@ def test_401_and_403_keep_events_and_deliver_them_once_accepted(
 
     for _ in steps:
         pass
-    backend.wait_for(guarantee_reached(sim.expected))
+    await_guarantee(backend, sim.expected)
     wait_until(drained(storage), "the outbox to drain")
     assert agent.stop() == 0
     verdict = check_guarantee(backend, sim.expected, storage)

@@ -16,7 +16,7 @@ from tests.faults import run_chaos
 def test_chaos_kill9_and_flapping_backend_lose_nothing(tmp_path: Path) -> None:
     seed = int(os.environ.get("FAULTS_SEED") or random.SystemRandom().randrange(2**31))
     print(f"\nchaos seed {seed} (FAULTS_SEED={seed} reproduces the schedule)")
-    result = run_chaos(tmp_path, seed, kills=30, run_seconds=45.0, outage_seconds=10.0)
+    result = run_chaos(tmp_path, seed, kills=30, run_seconds=60.0, outage_seconds=10.0)
     v = result.verdict
     print(
         f"chaos: {result.kills} kills survived ({result.in_flight_kills} with a request in "

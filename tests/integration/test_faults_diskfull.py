@@ -21,9 +21,9 @@ import pytest
 from tests.faults import (
     Expected,
     attempt_cost,
+    await_guarantee,
     check_guarantee,
     drained,
-    guarantee_reached,
     start_agent,
     stored_file,
     wait_until,
@@ -135,7 +135,7 @@ def test_disk_full_is_reported_survived_and_recovered(
         failures=1,
         cost=attempt_cost(fixture_lines(PLANNER)),
     )
-    backend.wait_for(guarantee_reached(expected), timeout=30)
+    await_guarantee(backend, expected, 30)
     wait_until(drained(storage), "the outbox to drain")
     assert agent.stop() == 0
     verdict = check_guarantee(backend, expected, storage)

@@ -9,9 +9,9 @@ from tests.faults import (
     STANDARD_RUN,
     AgentPlan,
     RunSimulator,
+    await_guarantee,
     check_guarantee,
     drained,
-    guarantee_reached,
     start_agent,
     store_db,
     stored_file,
@@ -70,7 +70,7 @@ def test_backend_down_for_the_whole_run_then_everything_arrives_in_order(
     assert not backend.requests
 
     backend.go_up()
-    backend.wait_for(guarantee_reached(expected), timeout=60)
+    await_guarantee(backend, expected, 60)
     wait_until(drained(storage), "the outbox to drain")
     times = [r.at for r in backend.requests if 200 <= r.status < 300]
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
@@ -129,7 +129,7 @@ def test_agent_down_while_the_run_goes_on_and_a_transcript_is_rewritten(
     assert not agent.running()
 
     start_agent(agent)
-    backend.wait_for(guarantee_reached(expected), timeout=30)
+    await_guarantee(backend, expected, 30)
     wait_until(drained(storage), "the outbox to drain")
     assert agent.stop() == 0
     verdict = check_guarantee(backend, expected, storage)

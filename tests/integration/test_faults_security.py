@@ -19,9 +19,9 @@ import pytest
 
 from tests.faults import (
     RunSimulator,
+    await_guarantee,
     check_guarantee,
     drained,
-    guarantee_reached,
     start_agent,
     store_counts,
     store_db,
@@ -238,7 +238,7 @@ def test_the_run_dir_is_never_written_followed_out_of_or_executed(
         before_truncate=lambda name, path: wait_consumed(storage, name, path),
     )
     expected = sim.run()
-    backend.wait_for(guarantee_reached(expected))
+    await_guarantee(backend, expected)
     wait_until(drained(storage), "the outbox to drain")
     assert agent.stop() == 0
     # The final cost is the run's alone: nothing was read through the link.
