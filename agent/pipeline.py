@@ -79,6 +79,7 @@ class Pipeline:
         self._transcripts: dict[str, _Transcript] = {}
         self._warned: set[str] = set()
         self._last_read_error: dict[str, ReadError] = {}
+        self._failures: list[str] = []  # reported failures, logged once their batch commits
 
     # -- classification -------------------------------------------------------------------
 
@@ -141,8 +142,17 @@ class Pipeline:
         except BaseException:
             # The store did not record what the readers consumed: rebuild them from the store.
             self._transcripts.clear()
+            self._failures.clear()
             raise
+        self._log_failures()
         return outcome
+
+    def _log_failures(self) -> None:
+        # Logged once committed: a batch that is rolled back (disk full) and retried must not
+        # report the same failure again and again.
+        for reason in self._failures:
+            log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
+        self._failures.clear()
 
     def snapshot(self) -> Outcome:
         """Queue the full picture as ``sync`` events, so a backend that missed some converges.
@@ -164,6 +174,7 @@ class Pipeline:
                 )
             self._cost(tx, "sync", force=True)
             outcome.emitted += len(tx.emitted)
+        self._log_failures()
         return outcome
 
     def _expand(self, keys: Iterable[str]) -> set[str]:
@@ -327,7 +338,7 @@ class Pipeline:
             "workflow_failed",
             {"reason": reason, "error_excerpt": excerpt, "current_phase": self.current_phase(tx)},
         )
-        log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
+        self._failures.append(reason)
 
     # -- transcripts and cost -------------------------------------------------------------
 

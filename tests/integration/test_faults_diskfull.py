@@ -111,16 +111,18 @@ def test_disk_full_is_reported_survived_and_recovered(
     writer.state(state)
     agent.wait_log(lambda e: "cannot write the store" in e.get("message", ""))
     backend.wait_for(lambda evs: bool(_storage_statuses(backend)))
+    # A failure while nothing can be recorded: it must be reported (and logged) exactly once,
+    # however many times the batch is retried.
+    writer.error_log("ERROR build failed\n")
+    state = {**state, "status": "failed"}
+    writer.state(state)
     assert agent.running()
 
     # A restart while the disk is still full: the agent stays up and says so again.
     before = len(_storage_statuses(backend))
     agent.kill9()
     start_agent(agent)
-    backend.wait_for(lambda evs: len(_storage_statuses(backend)) > before)
-    writer.error_log("ERROR build failed\n")
-    state = {**state, "status": "failed"}
-    writer.state(state)
+    backend.wait_for(lambda evs: len(_storage_statuses(backend)) > before + 1)
     assert agent.running()
 
     # Space returns: everything made meanwhile arrives.
@@ -149,3 +151,6 @@ def test_disk_full_is_reported_survived_and_recovered(
     errors = [e for e in agent.logs() if e.get("level") == "error"]
     assert any(str(storage) in e.get("message", "") for e in errors), errors
     assert json.dumps(errors).count("Traceback") == 0
+    log_lines = [json.loads(x) for x in agent.log.read_text().splitlines() if x.startswith("{")]
+    failed = [e for e in log_lines if e.get("message", "").startswith("workflow failed")]
+    assert len(failed) == 1, failed
