@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.harness import (
     FIXTURES,
     AdwWriter,
@@ -431,6 +433,24 @@ def start_agent(agent: AgentProcess, timeout: float = 30.0) -> AgentProcess:
 
 def drained(storage: Path) -> Callable[[], bool]:
     return lambda: store_counts(storage)[0] == 0
+
+
+@pytest.fixture(autouse=True)
+def reap_agents(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Import into a test module: every agent process its tests start is killed at the end,
+    even when the test fails half way."""
+    started: list[AgentProcess] = []
+    start = AgentProcess.start
+
+    def tracked(self: AgentProcess) -> AgentProcess:
+        started.append(self)
+        return start(self)
+
+    monkeypatch.setattr(AgentProcess, "start", tracked)
+    yield
+    for agent in started:
+        if agent.running():
+            agent.kill9()
 
 
 def peak_rss_mb(pid: int) -> float:

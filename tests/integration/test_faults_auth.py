@@ -13,6 +13,7 @@ from tests.faults import (
     await_guarantee,
     check_guarantee,
     drained,
+    reap_agents,  # noqa: F401  (autouse fixture)
     start_agent,
     store_counts,
     store_db,

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.faults import _valid, attempt_cost, last_of, peak_rss_mb, start_agent
+from tests.faults import (
+    _valid,
+    attempt_cost,
+    last_of,
+    peak_rss_mb,
+    reap_agents,  # noqa: F401  (autouse fixture)
+    start_agent,
+)
 from tests.harness import AdwWriter, AgentProcess, Backend, fixture_lines, write_config
 
 RSS_LIMIT_MB = 150.0

@@ -10,7 +10,10 @@ import os
 import random
 from pathlib import Path
 
-from tests.faults import run_chaos
+from tests.faults import (
+    reap_agents,  # noqa: F401  (autouse fixture)
+    run_chaos,
+)
 
 
 def test_chaos_kill9_and_flapping_backend_lose_nothing(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from tests.faults import (
     await_guarantee,
     check_guarantee,
     drained,
+    reap_agents,  # noqa: F401  (autouse fixture)
     start_agent,
     stored_file,
     wait_until,

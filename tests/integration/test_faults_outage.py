@@ -12,6 +12,7 @@ from tests.faults import (
     await_guarantee,
     check_guarantee,
     drained,
+    reap_agents,  # noqa: F401  (autouse fixture)
     start_agent,
     store_db,
     stored_file,
