@@ -741,11 +741,12 @@ def _cost_of_file(
         lines += len(chunk.lines) + chunk.skipped
         bad += chunk.skipped
         for raw in chunk.lines:
-            if not relevant(raw):
-                continue
+            # Parsing every line is cheaper than prefiltering it, and the ledger ignores the
+            # lines relevant() would drop; it only decides whether an unparsable line counts.
             parsed = parse_line(raw)
             if parsed is None:
-                bad += 1
+                if relevant(raw):
+                    bad += 1
                 continue
             feed(parsed)
         if not chunk.more_pending:
