@@ -165,6 +165,8 @@ def init_line() -> bytes:
 
 #: When set (``--profile DIR``), every agent is sampled by py-spy into this directory.
 PROFILE_DIR: Path | None = None
+#: Config overrides for every agent (``--set section.key=value``), e.g. to compare settings.
+OVERRIDES: dict[str, dict[str, Any]] = {}
 
 
 class Agent:
@@ -177,6 +179,8 @@ class Agent:
         self.run_dir = run_dir
         self.storage = work / f"{name}-storage"
         sections.setdefault("log", {"level": "info"})
+        for section, values in OVERRIDES.items():
+            sections[section] = {**sections.get(section, {}), **values}
         self.config = write_config(work / f"{name}.toml", run_dir, self.storage, url, **sections)
         self.log = work / f"{name}.log"
         self.proc = AgentProcess(self.config, self.log)

@@ -28,6 +28,7 @@ def _delta(before: Sample, after: Sample, window: float) -> dict[str, Any]:
         "cpu_ms_per_min_schedstat": round((after.cpu_ns - before.cpu_ns) / 1e6 * 60 / window, 1),
         "wakeups_per_s": round((after.voluntary_switches - before.voluntary_switches) / window, 2),
         "rss_mb": round(after.rss_mb, 1),
+        "pss_mb": round(after.pss_mb, 1),
         "peak_rss_mb": round(after.hwm_mb, 1),
         "threads": after.threads,
     }
@@ -86,6 +87,7 @@ def run(
         "wakeups_per_s_mean": round(sum(p["wakeups_per_s"] for p in per_agent) / agents, 2),
         "rss_mb_mean": round(sum(p["rss_mb"] for p in per_agent) / agents, 1),
         "rss_mb_max": max(p["rss_mb"] for p in per_agent),
+        "pss_mb_mean": round(sum(p["pss_mb"] for p in per_agent) / agents, 1),
         "threads": per_agent[0]["threads"],
         "per_agent": per_agent,
     }

@@ -19,6 +19,7 @@ class Sample:
     hwm_mb: float
     voluntary_switches: int
     threads: int
+    pss_mb: float  # RSS with shared pages (libraries) divided among the processes sharing them
 
 
 def sample(pid: int) -> Sample:
@@ -42,6 +43,14 @@ def sample(pid: int) -> Sample:
                     switches += int(line.split()[1])
         except (FileNotFoundError, ProcessLookupError):
             continue
+    pss_kb = 0
+    try:
+        for line in (base / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss_kb = int(line.split()[1])
+                break
+    except OSError:
+        pass
     return Sample(
         cpu_s=cpu_s,
         cpu_ns=cpu_ns,
@@ -49,6 +58,7 @@ def sample(pid: int) -> Sample:
         hwm_mb=_kb(status.get("VmHWM", "0 kB")) / 1024,
         voluntary_switches=switches,
         threads=len(tasks),
+        pss_mb=pss_kb / 1024,
     )
 
 

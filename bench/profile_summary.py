@@ -1,6 +1,6 @@
 """Summarise py-spy ``--format raw`` output: where the samples are, by function.
 
-``python -m bench.profile_summary FILE [--top 30] [--filter agent/]``
+``python -m bench.profile_summary FILE [--top 30] [--filter agent/] [--under Pipeline.process]``
 prints self and inclusive sample shares per function, which is how BENCHMARKS.md reports hot
 paths.
 """
@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 
-def summarise(path: Path, top: int, only: str | None) -> str:
+def summarise(path: Path, top: int, only: str | None, under: str | None = None) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -21,8 +21,10 @@ def summarise(path: Path, top: int, only: str | None) -> str:
         if not stack:
             continue
         count = int(count_text)
-        total += count
         frames = stack.split(";")
+        if under and not any(under in frame for frame in frames):
+            continue
+        total += count
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
@@ -44,9 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("file")
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--filter")
+    parser.add_argument("--filter", help="only show frames containing this text")
+    parser.add_argument("--under", help="only count stacks with a frame containing this text")
     args = parser.parse_args()
-    print(summarise(Path(args.file), args.top, args.filter))
+    print(summarise(Path(args.file), args.top, args.filter, args.under))
 
 
 if __name__ == "__main__":
