@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -687,6 +688,7 @@ class ChaosResult:
     seed: int
     kills: int
     in_flight_kills: int
+    terms: int  # clean stops (SIGTERM) mixed in between the kills
     outages: int
     verdict: Verdict
     seconds: float
@@ -788,7 +790,7 @@ def run_chaos(
     outages = 0
     outage_at = started + rng.uniform(0.25, 0.5) * run_seconds
     outage_until = 0.0
-    killed = in_flight = 0
+    killed = in_flight = terms = 0
     agent.start()
     thread = threading.Thread(target=write, name="adw-run", daemon=True)
     thread.start()
@@ -811,8 +813,16 @@ def run_chaos(
                 time.sleep(rng.uniform(*kill_gap))
             if not agent.running():
                 problems.append(f"the agent died by itself (exit {agent.proc.returncode})")  # type: ignore[union-attr]
-            agent.kill9()
-            killed += 1
+            if rng.random() < 0.15:
+                # A clean stop now and then: shutdown drains under the same faults. Before
+                # Python has installed its handlers, SIGTERM's default action applies.
+                code = agent.stop(timeout=30)
+                if code not in (0, -signal.SIGTERM):
+                    problems.append(f"agent exited {code} on SIGTERM")
+                terms += 1
+            else:
+                agent.kill9()
+                killed += 1
             remember_outbox()
             agent.start()
             if failure:
@@ -838,7 +848,7 @@ def run_chaos(
         if agent.running():
             agent.kill9()
         backend.close()
-    return ChaosResult(seed, killed, in_flight, outages, verdict, time.monotonic() - started)
+    return ChaosResult(seed, killed, in_flight, terms, outages, verdict, time.monotonic() - started)
 
 
 # -- soak --------------------------------------------------------------------------------------
@@ -876,7 +886,8 @@ def soak(minutes: float, seed: int | None, kill_gap: tuple[float, float]) -> int
             status = "ok" if v.ok else "FAILED"
             print(
                 f"round {n} seed {round_seed}: {status}, kills {result.kills} "
-                f"({result.in_flight_kills} in flight), {v.summary()}, {result.seconds:.0f}s",
+                f"({result.in_flight_kills} in flight), {result.terms} SIGTERM, {v.summary()}, "
+                f"{result.seconds:.0f}s",
                 flush=True,
             )
             if not v.ok:

@@ -22,8 +22,9 @@ def test_chaos_kill9_and_flapping_backend_lose_nothing(tmp_path: Path) -> None:
     result = run_chaos(tmp_path, seed, kills=30, run_seconds=60.0, outage_seconds=10.0)
     v = result.verdict
     print(
-        f"chaos: {result.kills} kills survived ({result.in_flight_kills} with a request in "
-        f"flight), {result.outages} outage, {v.summary()}, {result.seconds:.0f}s"
+        f"chaos: {result.kills} kill -9 survived ({result.in_flight_kills} with a request in "
+        f"flight) and {result.terms} SIGTERM, {result.outages} outage, {v.summary()}, "
+        f"{result.seconds:.0f}s"
     )
     v.assert_ok()
     assert result.kills >= 30
