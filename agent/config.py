@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -274,13 +275,19 @@ def _read_secret(path: Path, what: str) -> SecretStr:
     return _header_safe(text, f"{what}: {path}")
 
 
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
 def _header_safe(token: str, where: str) -> SecretStr:
-    """The token goes into an HTTP header: only visible ASCII can. Anything else would fail
-    on every request, and the HTTP library's error would quote the header, token included,
-    so it is refused here with a message that never shows it."""
-    if not all("!" <= c <= "~" for c in token):
+    """The token goes into an ``Authorization: Bearer`` header, whose grammar (RFC 6750
+    b64token) is letters, digits and ``-._~+/`` with trailing ``=``. Anything else fails on
+    every request, and the HTTP library's error then quotes the header, token included; a
+    quote or backslash would also be escaped in JSON logs, out of reach of their redaction.
+    So it is refused here, with a message that never shows it."""
+    if not _BEARER_TOKEN.fullmatch(token):
         raise ConfigError(
-            f"{where}: the token must be visible ASCII without spaces or control characters"
+            f"{where}: the token must be a bearer token (letters, digits, '-._~+/', "
+            "trailing '='), without spaces or control characters"
         )
     return SecretStr(token)
 
