@@ -10,6 +10,7 @@ symlink can never lead the agent out of the run directory, and every read is bou
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -76,16 +77,30 @@ class CompletedPhases(BaseModel):
     last_updated: str | None = None
 
 
+def open_nofollow(path: Path) -> int:
+    """Open ``path`` read-only, refusing a symlink as the file *or* as its directory.
+
+    The directory is opened first with ``O_NOFOLLOW`` and the file relative to it, so swapping
+    an agent directory for a symlink between a check and the open cannot lead outside the run
+    directory. Raises ``OSError`` (``ELOOP`` for a symlink) like ``os.open``.
+    """
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.open(path.name, _OPEN_FLAGS, dir_fd=parent)
+    finally:
+        os.close(parent)
+
+
 @contextlib.contextmanager
 def open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
     """Open ``path`` for reading without following a symlink; it must be a regular file."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = open_nofollow(path)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the last component is a symlink
-            raise ReadError(str(path), "is a symlink; not followed") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ReadError(str(path), "is a symlink, or under one (not followed)") from None
         raise ReadError(str(path), exc.strerror or str(exc)) from None
     try:
         st = os.fstat(fd)

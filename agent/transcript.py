@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from agent.read import open_nofollow
+
 __all__ = [
     "FINGERPRINT_BYTES",
     "Chunk",
@@ -40,8 +42,6 @@ _log = logging.getLogger(__name__)
 #: How much of the first line identifies an attempt. Claude Code's first line is
 #: ``system/init`` with the session id near the start, so this is unique per attempt.
 FINGERPRINT_BYTES = 4096
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class TranscriptError(Exception):
@@ -246,9 +246,9 @@ class TranscriptReader:
 
     def _open(self) -> int:
         try:
-            return os.open(self._path, _OPEN_FLAGS)
+            return open_nofollow(self._path)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeFile(f"refusing symlink: {self._path}") from exc
             raise
 

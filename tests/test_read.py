@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 
 from agent import read
 from agent.errors import ReadError
-from agent.read import read_bounded, read_phases, read_state, read_tail, safe_subdir
+from agent.read import (
+    open_nofollow,
+    read_bounded,
+    read_phases,
+    read_state,
+    read_tail,
+    safe_subdir,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real"
 LIMIT = 1 << 20
@@ -86,10 +94,24 @@ def test_symlink_is_refused(tmp_path: Path) -> None:
     outside.write_text('{"adw_id": "leak"}')
     link = tmp_path / "adw_state.json"
     link.symlink_to(outside)
-    with pytest.raises(ReadError, match="is a symlink; not followed"):
+    with pytest.raises(ReadError, match="is a symlink"):
         read_state(link, LIMIT)
     with pytest.raises(ReadError, match="symlink"):
         read_tail(link, 100)
+
+
+def test_a_symlinked_directory_is_not_followed_to_the_file_below_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "raw_output.jsonl").write_text('{"type":"system"}\n')
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "planner").symlink_to(outside)
+    with pytest.raises(OSError, match=r"Not a directory|Too many levels") as caught:
+        open_nofollow(run_dir / "planner" / "raw_output.jsonl")
+    assert caught.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    with pytest.raises(ReadError, match="symlink"):
+        read_tail(run_dir / "planner" / "raw_output.jsonl", 100)
 
 
 def test_non_regular_files_are_refused(tmp_path: Path) -> None:
