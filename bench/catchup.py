@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import poller
 from bench.common import Agent, events, synth_transcript
 from bench.receiver import ReceiverProcess
 from tests.harness import ROOT
@@ -137,13 +138,43 @@ def _total_cost(report: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+class _NoPost(poller.Poster):
+    """A poster that posts nothing: only the poller's reading and parsing are timed."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9", "none")
+
+    def post(self, kind: str, data: Any) -> None:
+        pass
+
+
+def poller_cost(run_dir: Path) -> dict[str, Any]:
+    """CPU seconds one poll of ``run_dir`` costs the poller (in this process, a steady poll)."""
+    previous: dict[str, Any] = {}
+    poster = _NoPost()
+    poller.poll_once(run_dir, previous, poster)
+    started = time.process_time()
+    poller.poll_once(run_dir, previous, poster)
+    per_poll = time.process_time() - started
+    size = sum(p.stat().st_size for p in run_dir.glob("*/raw_output.jsonl"))
+    return {
+        "mb": round(size / MB, 1),
+        "cpu_s_per_poll": round(per_poll, 3),
+        "cpu_s_per_min_at_2s": round(min(60.0, per_poll * 30), 2),
+        "cpu_s_per_min_at_10s": round(min(60.0, per_poll * 6), 2),
+    }
+
+
 def run(work: Path, sizes_mb: list[int], cli_mb: int) -> dict[str, Any]:
     receiver = ReceiverProcess(ROOT)
     try:
         startup = _startup_s(work, receiver)
     finally:
         receiver.stop()
+    agents = [agent_catchup(work, mb * MB, startup) for mb in sizes_mb]
+    smallest = work / "agents" / f"c{sizes_mb[0]:07d}"
     return {
-        "agent": [agent_catchup(work, mb * MB, startup) for mb in sizes_mb],
+        "agent": agents,
+        "poller_on_smallest": poller_cost(smallest),
         "cost_cli": cost_cli(work, cli_mb * MB),
     }

@@ -181,6 +181,13 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['startup_s']:>11.3f}{r['mb_per_s_after_startup']:>12.1f}"
                 f"{r['peak_rss_mb']:>13.1f}{r['cpu_s']:>7.2f}"
             )
+        pc = cu.get("poller_on_smallest")
+        if pc:
+            lines.append(
+                f"poller on the {pc['mb']:.0f} MB run dir: {pc['cpu_s_per_poll']:.2f} CPU s "
+                f"per poll = {pc['cpu_s_per_min_at_2s']:.1f} CPU s/min at 2 s, "
+                f"{pc['cpu_s_per_min_at_10s']:.1f} at 10 s"
+            )
         c = cu["cost_cli"]
         lines.append(
             f"adw-agent cost on {c['mb']:.1f} MB: {c['seconds']:.3f} s, {c['mb_per_s']:.1f} MB/s, "
