@@ -163,6 +163,20 @@ def init_line() -> bytes:
 # -- agents --------------------------------------------------------------------------------
 
 
+def _write_config(
+    path: Path, run_dir: Path, storage: Path, url: str, sections: dict[str, dict[str, Any]]
+) -> Path:
+    """The harness's ``write_config``, which also takes a ``storage`` section to override."""
+    extra = dict(sections)
+    storage_keys = extra.pop("storage", {})
+    write_config(path, run_dir, storage, url, **extra)
+    if storage_keys:
+        text = path.read_text()
+        lines = [f"{key} = {json.dumps(value)}" for key, value in storage_keys.items()]
+        path.write_text(text.replace("[storage]\n", "[storage]\n" + "\n".join(lines) + "\n", 1))
+    return path
+
+
 #: When set (``--profile DIR``), every agent is sampled by py-spy into this directory.
 PROFILE_DIR: Path | None = None
 #: Config overrides for every agent (``--set section.key=value``), e.g. to compare settings.
@@ -181,7 +195,7 @@ class Agent:
         sections.setdefault("log", {"level": "info"})
         for section, values in OVERRIDES.items():
             sections[section] = {**sections.get(section, {}), **values}
-        self.config = write_config(work / f"{name}.toml", run_dir, self.storage, url, **sections)
+        self.config = _write_config(work / f"{name}.toml", run_dir, self.storage, url, sections)
         self.log = work / f"{name}.log"
         self.proc = AgentProcess(self.config, self.log)
         self.adw_id = run_dir.name

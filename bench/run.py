@@ -112,17 +112,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(f"{phase} p99 ms", lat["phases"][phase]["agent"]["p99_ms"], 25)
     cu = results.get("catchup")
     if cu:
-        biggest = cu["agent"][-1]
-        add(f"catch-up {biggest['mb']:g} MB, MB/s from spawn", biggest["mb_per_s"], 250, True)
+        # The target is stated for a 200 MB run directory.
+        main = min(cu["agent"], key=lambda r: abs(r["mb"] - 200))
+        add(f"catch-up {main['mb']:g} MB, MB/s from spawn", main["mb_per_s"], 250, True)
         add(
-            f"catch-up {biggest['mb']:g} MB, MB/s excluding start-up",
-            biggest["mb_per_s_after_startup"],
+            f"catch-up {main['mb']:g} MB, MB/s excluding start-up",
+            main["mb_per_s_after_startup"],
             250,
             True,
         )
         if len(cu["agent"]) > 1:
-            growth = round(biggest["peak_rss_mb"] - cu["agent"][0]["peak_rss_mb"], 1)
-            add("catch-up peak RSS growth MB (smallest to biggest run dir)", growth, 10)
+            peaks = [r["peak_rss_mb"] for r in cu["agent"]]
+            add(
+                "catch-up peak RSS spread MB across run dir sizes",
+                round(max(peaks) - min(peaks), 1),
+                10,
+            )
         add("adw-agent cost MB/s", cu["cost_cli"]["mb_per_s"], 250, True)
     idle_results = results.get("idle")
     if idle_results:
@@ -138,7 +143,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
 
