@@ -7,7 +7,9 @@
     ├── StorageError         the durable store cannot be written (disk full, read-only, locked);
     │                        nothing is acknowledged, the change is read again later
     ├── ReadError            a run-directory file is unreadable or malformed right now;
-    │                        retried shortly, then a warning, and the last good state stays
+    │   │                    retried shortly, then a warning, and the last good state stays
+    │   └── TranscriptError  a transcript cannot be read safely (agent.transcript)
+    │       └── UnsafeFile   it is a symlink, under one, or not a regular file: refused
     └── DeliveryError        one POST of one event failed
         ├── RetryableDelivery    connection error, timeout, 401/403, 408, 425, 429, 5xx:
         │                        retried with backoff for ever, the event stays queued

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from agent.errors import ReadError
 from agent.read import open_nofollow
 
 __all__ = [
@@ -44,12 +45,12 @@ _log = logging.getLogger(__name__)
 FINGERPRINT_BYTES = 4096
 
 
-class TranscriptError(Exception):
+class TranscriptError(ReadError):
     """A transcript cannot be read safely (the caller decides how to report it)."""
 
 
 class UnsafeFile(TranscriptError):
-    """The path is a symlink or not a regular file, so it is refused."""
+    """The path is a symlink (or under one) or not a regular file, so it is refused."""
 
 
 def _fingerprint(head: bytes) -> str:
@@ -207,7 +208,7 @@ class TranscriptReader:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFile(f"not a regular file: {self._path}")
+                raise UnsafeFile(str(self._path), "is not a regular file")
             restarted = self._must_restart(fd, st)
             if restarted:
                 self._restart()
@@ -249,7 +250,9 @@ class TranscriptReader:
             return open_nofollow(self._path)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeFile(f"refusing symlink: {self._path}") from exc
+                raise UnsafeFile(
+                    str(self._path), "is a symlink, or under one (not followed)"
+                ) from exc
             raise
 
     def _must_restart(self, fd: int, st: os.stat_result) -> bool:

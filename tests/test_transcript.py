@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.account import PriceTable, TranscriptLedger, relevant
+from agent.errors import AgentError, ReadError
 from agent.transcript import (
     Chunk,
     Position,
+    TranscriptError,
     TranscriptReader,
     UnsafeFile,
     parse_line,
@@ -270,6 +272,22 @@ def test_symlink_is_refused(tmp_path: Path, transcript: Path) -> None:
     os.symlink(transcript, link)
     with pytest.raises(UnsafeFile):
         TranscriptReader(link, None).read()
+
+
+def test_refusals_are_read_errors_with_the_path(tmp_path: Path, transcript: Path) -> None:
+    link = tmp_path / "link.jsonl"
+    os.symlink(transcript, link)
+    with pytest.raises(UnsafeFile) as caught:
+        TranscriptReader(link, None).read()
+    assert isinstance(caught.value, TranscriptError)
+    assert isinstance(caught.value, ReadError)
+    assert isinstance(caught.value, AgentError)
+    assert caught.value.path == str(link)
+    assert "symlink" in caught.value.reason
+    with pytest.raises(UnsafeFile) as caught:
+        TranscriptReader(tmp_path, None).read()
+    assert caught.value.path == str(tmp_path)
+    assert caught.value.reason == "is not a regular file"
 
 
 def test_fifo_and_directory_are_refused(tmp_path: Path) -> None:
