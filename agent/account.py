@@ -31,6 +31,9 @@ from typing import Any
 from agent.transcript import TranscriptReader, parse_line
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_RESULT_USD",
+    "MAX_TOKEN_TOTAL",
     "UNATTRIBUTED",
     "WEB_SEARCH_USD",
     "PriceTable",
@@ -47,6 +50,17 @@ _log = logging.getLogger(__name__)
 
 #: USD per web search request ($10 per 1000).
 WEB_SEARCH_USD = 0.01
+
+#: The largest token (or web search) count one usage field may hold (about 10^12); a larger
+#: value is malformed. Real messages stay below 10^7, and sums of such counts stay far from the
+#: 64-bit integers JSON encoders accept.
+MAX_COUNT = 1 << 40
+#: Token totals stop growing here (2^53 - 1, the largest integer a JSON number holds exactly
+#: for every consumer), so no amount of input can overflow them.
+MAX_TOKEN_TOTAL = (1 << 53) - 1
+#: A result's ``total_cost_usd`` (or a ``modelUsage`` ``costUSD``) at or above this is not
+#: trusted: one Claude Code session does not cost a million dollars.
+MAX_RESULT_USD = 1e6
 
 _TRANSCRIPT_NAME = "raw_output.jsonl"
 
@@ -264,13 +278,14 @@ class Tokens:
     cache_read: int = 0
 
     def __add__(self, other: Tokens) -> Tokens:
+        """The sum, each count saturating at :data:`MAX_TOKEN_TOTAL`."""
         if not isinstance(other, Tokens):
             return NotImplemented
         return Tokens(
-            self.input + other.input,
-            self.output + other.output,
-            self.cache_creation + other.cache_creation,
-            self.cache_read + other.cache_read,
+            min(self.input + other.input, MAX_TOKEN_TOTAL),
+            min(self.output + other.output, MAX_TOKEN_TOTAL),
+            min(self.cache_creation + other.cache_creation, MAX_TOKEN_TOTAL),
+            min(self.cache_read + other.cache_read, MAX_TOKEN_TOTAL),
         )
 
 
@@ -307,10 +322,10 @@ class _Msg:
 
 
 def _count(value: object) -> int:
-    """A token count: a non-negative int, or 0 when absent; -1 when malformed."""
+    """A token count: an int (not a bool) in 0..MAX_COUNT, or 0 when absent; -1 when malformed."""
     if value is None:
         return 0
-    if type(value) is int and value >= 0:
+    if type(value) is int and 0 <= value <= MAX_COUNT:
         return value
     return -1
 
@@ -343,11 +358,14 @@ def _total(usage: _Usage) -> int:
 
 
 def _valid_cost(value: object) -> float | None:
-    """A trustworthy USD figure: a finite, non-negative int or float (not a bool)."""
+    """A trustworthy USD figure: an int or float (not a bool) in 0 <= x < MAX_RESULT_USD."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    cost = float(value)
-    if not math.isfinite(cost) or cost < 0:
+    try:
+        cost = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    if not math.isfinite(cost) or not 0 <= cost < MAX_RESULT_USD:
         return None
     return cost
 
@@ -390,6 +408,9 @@ class TranscriptLedger:
         # Deduplicated token sums over every attempt, covered by a result or not.
         self._tokens = [0, 0, 0, 0]
         self._bad_lines = 0
+        # Kinds of bad line already warned about; the rest are only counted.
+        self._bad_warned: set[str] = set()
+        # Unknown models already warned about.
         self._warned: set[str] = set()
         self._reset_attempt()
 
@@ -453,9 +474,11 @@ class TranscriptLedger:
 
     # -- feeding ---------------------------------------------------------
 
-    def _bad(self, message: str) -> None:
+    def _bad(self, kind: str, message: str) -> None:
         self._bad_lines += 1
-        self._warn(message)
+        if kind not in self._bad_warned:
+            self._bad_warned.add(kind)
+            self._warn(f"{message} (later lines like it are only counted)")
 
     def feed(self, line: Mapping[str, Any]) -> bool:
         """Account for one parsed JSON line; True if cost, tokens or finality changed."""
@@ -475,7 +498,7 @@ class TranscriptLedger:
             return False
         usage = _parse_usage(raw_usage)
         if usage is None:
-            self._bad(f"assistant line with malformed usage: {dict(raw_usage)!r:.300}")
+            self._bad("usage", f"assistant line with malformed usage: {dict(raw_usage)!r:.300}")
             return False
         model = message.get("model")
         if not isinstance(model, str):
@@ -507,7 +530,8 @@ class TranscriptLedger:
         _add(self._open_by_model, known.model, estimate - known.estimate)
         new_parts, old_parts = _token_parts(usage), _token_parts(old)
         for i in range(4):
-            self._tokens[i] += new_parts[i] - old_parts[i]
+            total = self._tokens[i] + new_parts[i] - old_parts[i]
+            self._tokens[i] = min(max(total, 0), MAX_TOKEN_TOTAL)
         known.usage = usage
         known.estimate = estimate
         return True
@@ -521,7 +545,7 @@ class TranscriptLedger:
         self._open_cost += estimate
         _add(self._open_by_model, model, estimate)
         for i, part in enumerate(_token_parts(usage)):
-            self._tokens[i] += part
+            self._tokens[i] = min(self._tokens[i] + part, MAX_TOKEN_TOTAL)
         return True
 
     def _estimate(self, model: str, usage: _Usage) -> float:
@@ -549,8 +573,9 @@ class TranscriptLedger:
         total = _valid_cost(line.get("total_cost_usd"))
         if total is None:
             self._bad(
+                "result",
                 f"result line with untrusted total_cost_usd {line.get('total_cost_usd')!r:.80}"
-                "; keeping the estimate"
+                "; keeping the estimate",
             )
             return False
         by_model: dict[str, float] = {}

@@ -11,6 +11,8 @@ import orjson
 import pytest
 
 from agent.account import (
+    MAX_COUNT,
+    MAX_TOKEN_TOTAL,
     UNATTRIBUTED,
     Prices,
     PriceTable,
@@ -444,7 +446,19 @@ def test_messages_after_a_result_are_added() -> None:
     assert led.by_model == {SONNET45: 0.7, HAIKU45: 0.05}
 
 
-UNTRUSTED: list[Any] = [-0.01, "0.5", None, math.nan, math.inf, True, False, [1.0]]
+UNTRUSTED: list[Any] = [
+    -0.01,
+    "0.5",
+    None,
+    math.nan,
+    math.inf,
+    True,
+    False,
+    [1.0],
+    1e6,
+    1e300,
+    2**64 - 1,
+]
 
 
 @pytest.mark.parametrize("total", UNTRUSTED, ids=repr)
@@ -478,6 +492,61 @@ def test_malformed_usage_is_a_bad_line() -> None:
     assert led.cost == 0.0
     assert led.bad_lines == 1
     assert len(warnings) == 1
+
+
+def test_a_result_below_a_million_dollars_is_trusted() -> None:
+    led, _ = ledger()
+    assert led.feed(result(999_999.5))
+    assert led.cost == 999_999.5
+
+
+def test_an_absurd_model_usage_cost_is_not_attributed() -> None:
+    led, _ = ledger()
+    led.feed(assistant("m1", SONNET45, input_tokens=10))
+    led.feed(result(0.5, {SONNET45: 0.5, HAIKU45: 1e9}))
+    assert led.by_model == {SONNET45: 0.5}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [2**63 - 1, MAX_COUNT + 1, -1, True, 1.5, "7"],
+    ids=["2^63-1", "2^40+1", "-1", "bool", "float", "str"],
+)
+@pytest.mark.parametrize("field", ["input_tokens", "web_search_requests"])
+def test_a_count_out_of_range_makes_the_line_malformed(field: str, value: Any) -> None:
+    led, warnings = ledger()
+    line = assistant("m0", input_tokens=10, web_search=1)
+    usage = line["message"]["usage"]
+    if field == "web_search_requests":
+        usage["server_tool_use"][field] = value
+    else:
+        usage[field] = value
+    # Three such lines: together they would overflow a 64-bit integer if they were added up.
+    for i in range(3):
+        line["message"]["id"] = f"m{i}"
+        assert not led.feed(line)
+    assert led.cost == 0.0
+    assert led.tokens == Tokens()
+    assert led.bad_lines == 3
+    assert len(warnings) == 1
+    assert "malformed usage" in warnings[0]
+    orjson.dumps(led.dump())  # still serialisable
+
+
+def test_the_largest_count_is_accepted() -> None:
+    led, _ = ledger()
+    assert led.feed(assistant("m0", input_tokens=MAX_COUNT))
+    assert led.tokens.input == MAX_COUNT
+
+
+def test_token_totals_saturate_instead_of_overflowing() -> None:
+    assert Tokens(MAX_TOKEN_TOTAL, 1, 0, 0) + Tokens(5, 1, 0, 0) == Tokens(MAX_TOKEN_TOTAL, 2, 0, 0)
+    led, _ = ledger()
+    for i in range((MAX_TOKEN_TOTAL >> 40) + 2):
+        led.feed(assistant(f"m{i}", cache_read=MAX_COUNT))
+    assert led.tokens.cache_read == MAX_TOKEN_TOTAL
+    assert math.isfinite(led.cost)
+    orjson.dumps(led.dump())
 
 
 def test_message_without_id_is_counted_per_line() -> None:
