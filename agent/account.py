@@ -23,7 +23,7 @@ import re
 import stat
 import tomllib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,10 @@ from agent.transcript import TranscriptReader, parse_line
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_NAME",
     "MAX_RESULT_USD",
     "MAX_TOKEN_TOTAL",
+    "OTHER",
     "UNATTRIBUTED",
     "WEB_SEARCH_USD",
     "PriceTable",
@@ -43,6 +45,7 @@ __all__ = [
     "TranscriptLedger",
     "cost_of_path",
     "family_key",
+    "fold_key",
     "relevant",
 ]
 
@@ -61,6 +64,12 @@ MAX_TOKEN_TOTAL = (1 << 53) - 1
 #: A result's ``total_cost_usd`` (or a ``modelUsage`` ``costUSD``) at or above this is not
 #: trusted: one Claude Code session does not cost a million dollars.
 MAX_RESULT_USD = 1e6
+#: Breakdown keys (model and phase names) longer than this are folded into :data:`OTHER`.
+MAX_NAME = 128
+#: The breakdown key that stands for every name beyond a breakdown's bound.
+OTHER = "other"
+#: Distinct models one transcript's ``by_model`` names before the rest fold into :data:`OTHER`.
+_MAX_MODELS = 32
 
 _TRANSCRIPT_NAME = "raw_output.jsonl"
 
@@ -289,6 +298,22 @@ class Tokens:
         )
 
 
+def fold_key(name: str, known: Collection[str], limit: int) -> str:
+    """``name`` as a key of a bounded breakdown that already holds ``known``.
+
+    A name already there stays itself; a new one is admitted while fewer than ``limit`` keys
+    exist and it is at most :data:`MAX_NAME` characters long; anything else is :data:`OTHER`.
+    Names come from files, so this keeps a breakdown (and every event and saved state that
+    carries it) bounded whatever the input. Once folded, a name stays folded, as the breakdown
+    only grows.
+    """
+    if name in known:
+        return name
+    if len(name) > MAX_NAME or len(known) >= limit:
+        return OTHER
+    return name
+
+
 def relevant(line: bytes) -> bool:
     """Whether a raw line could affect accounting, so it is worth parsing.
 
@@ -412,6 +437,8 @@ class TranscriptLedger:
         self._bad_warned: set[str] = set()
         # Unknown models already warned about.
         self._warned: set[str] = set()
+        # The by_model keys in use (see fold_key).
+        self._models: set[str] = set()
         self._reset_attempt()
 
     def _reset_attempt(self) -> None:
@@ -480,6 +507,11 @@ class TranscriptLedger:
             self._bad_warned.add(kind)
             self._warn(f"{message} (later lines like it are only counted)")
 
+    def _add_model(self, into: dict[str, float], model: str, amount: float) -> None:
+        key = fold_key(model, self._models, _MAX_MODELS)
+        self._models.add(key)
+        _add(into, key, amount)
+
     def feed(self, line: Mapping[str, Any]) -> bool:
         """Account for one parsed JSON line; True if cost, tokens or finality changed."""
         kind = line.get("type")
@@ -503,14 +535,18 @@ class TranscriptLedger:
         model = message.get("model")
         if not isinstance(model, str):
             model = ""
+        elif len(model) > MAX_NAME:
+            # Not a model id anyone uses: priced as unknown, and never kept at this length.
+            model = OTHER
         self._started = True
         if _total(usage):
             # Zero-usage lines (model "<synthetic>") are not the attempt's model.
             self._last_model = model
 
         msg_id = message.get("id")
-        if not isinstance(msg_id, str):
-            # Nothing to deduplicate on: count the line as its own message.
+        if not isinstance(msg_id, str) or len(msg_id) > MAX_NAME:
+            # Nothing (sane) to deduplicate on: count the line as its own message. The window
+            # keeps ids, so an unbounded one must never get there.
             return self._apply(None, model, usage)
         known = self._window.get(msg_id)
         if known is None:
@@ -527,7 +563,7 @@ class TranscriptLedger:
             return False
         estimate = self._estimate(known.model, usage)
         self._open_cost += estimate - known.estimate
-        _add(self._open_by_model, known.model, estimate - known.estimate)
+        self._add_model(self._open_by_model, known.model, estimate - known.estimate)
         new_parts, old_parts = _token_parts(usage), _token_parts(old)
         for i in range(4):
             total = self._tokens[i] + new_parts[i] - old_parts[i]
@@ -543,7 +579,7 @@ class TranscriptLedger:
         if not any(usage):
             return False
         self._open_cost += estimate
-        _add(self._open_by_model, model, estimate)
+        self._add_model(self._open_by_model, model, estimate)
         for i, part in enumerate(_token_parts(usage)):
             self._tokens[i] = min(self._tokens[i] + part, MAX_TOKEN_TOTAL)
         return True
@@ -584,11 +620,11 @@ class TranscriptLedger:
             for model, entry in model_usage.items():
                 cost = _valid_cost(entry.get("costUSD")) if isinstance(entry, Mapping) else None
                 if isinstance(model, str) and cost is not None:
-                    _add(by_model, model, cost)
+                    self._add_model(by_model, model, cost)
         remainder = total - math.fsum(by_model.values())
         if abs(remainder) > 1e-9:
             # No (usable) modelUsage: charge the gap to the model this attempt used.
-            _add(by_model, self._last_model or UNATTRIBUTED, remainder)
+            self._add_model(by_model, self._last_model or UNATTRIBUTED, remainder)
         changed = (
             self._result_cost != total
             or self._open_cost != 0.0
@@ -639,6 +675,7 @@ class TranscriptLedger:
             "tokens": list(self._tokens),
             "bad_lines": self._bad_lines,
             "warned": sorted(self._warned),
+            "model_keys": sorted(self._models),
             "started": self._started,
             "result_cost": self._result_cost,
             "result_by_model": self._result_by_model,
@@ -672,6 +709,10 @@ class TranscriptLedger:
             ledger._tokens = tokens
             ledger._bad_lines = int(data["bad_lines"])
             ledger._warned = {str(m) for m in data["warned"]}
+            for part in ("closed_by_model", "result_by_model", "open_by_model"):
+                ledger._models.update(str(m) for m in data[part])
+            # Absent from states saved before by_model was bounded.
+            ledger._models.update(str(m) for m in data.get("model_keys", ()))
             ledger._started = bool(data["started"])
             result = data["result_cost"]
             ledger._result_cost = None if result is None else float(result)

@@ -12,7 +12,9 @@ import pytest
 
 from agent.account import (
     MAX_COUNT,
+    MAX_NAME,
     MAX_TOKEN_TOTAL,
+    OTHER,
     UNATTRIBUTED,
     Prices,
     PriceTable,
@@ -563,6 +565,53 @@ def test_other_line_types_are_ignored() -> None:
     assert not led.feed({"no": "type"})
     assert led.cost == 0.0
     assert led.attempts == 0
+
+
+# ---------------------------------------------------------------------------
+# Names from the input are bounded
+
+
+def test_a_very_long_model_name_is_other_and_priced_as_unknown() -> None:
+    led, warnings = ledger()
+    led.feed(assistant("m1", "claude-sonnet-4-5-" + "x" * 10_000, input_tokens=1_000_000))
+    assert led.by_model == {OTHER: pytest.approx(3.0)}
+    assert not led.estimate_complete
+    assert all(len(w) < 500 for w in warnings)
+    assert len(orjson.dumps(led.dump())) < 2000
+
+
+def test_by_model_names_at_most_32_models_and_folds_the_rest() -> None:
+    led, _ = ledger()
+    for i in range(40):
+        led.feed(assistant(f"m{i}", f"claude-sonnet-4-5-v{i}", input_tokens=1000))
+    assert len(led.by_model) == 33
+    assert led.by_model[OTHER] == pytest.approx(8 * 1000 * 3 / 1e6)
+    assert math.fsum(led.by_model.values()) == pytest.approx(led.cost)
+    fresh, _ = ledger()
+    fresh.feed(result(1.0, {f"model-{i}": 0.01 for i in range(100)}))
+    assert len(fresh.by_model) == 33
+    assert fresh.by_model[OTHER] == pytest.approx(0.68)
+    assert math.fsum(fresh.by_model.values()) == pytest.approx(1.0)
+
+
+def test_folding_survives_a_dump_and_load() -> None:
+    led, warnings = ledger()
+    for i in range(33):
+        led.feed(assistant(f"m{i}", f"claude-sonnet-4-5-v{i}", input_tokens=1000))
+    led.feed(result(1.0, {"claude-sonnet-4-5-v0": 1.0}))  # clears the estimates
+    restored = roundtrip(led, warnings)
+    for copy in (led, restored):
+        copy.feed(assistant("late", "claude-sonnet-4-5-v99", input_tokens=1000))
+    assert restored.by_model == led.by_model
+    assert OTHER in led.by_model
+
+
+def test_an_over_long_message_id_is_not_kept() -> None:
+    led, _ = ledger()
+    for i in range(3):
+        led.feed(assistant(f"{i}" + "i" * (MAX_NAME + 1), input_tokens=1000))
+    assert led.dump()["window"] == []
+    assert led.tokens.input == 3000  # each line counted as its own message
 
 
 # ---------------------------------------------------------------------------
