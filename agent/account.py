@@ -26,9 +26,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.transcript import TranscriptReader, parse_line
+from agent.transcript import Chunk, TranscriptReader, parse_line
+
+if TYPE_CHECKING:
+    from agent.config import CostSection
 
 __all__ = [
     "MAX_COUNT",
@@ -170,6 +173,7 @@ class _Rate:
 
 
 def _prices_from(table: Mapping[str, Any]) -> Prices:
+    """Prices from a mapping with the five per-million rates (the bundle or a config section)."""
     return Prices(
         input=float(table["input"]),
         cache_write_5m=float(table["cache_write_5m"]),
@@ -230,9 +234,11 @@ class PriceTable:
         self._cache: dict[str, _Rate] = {}
 
     @classmethod
-    def bundled(cls) -> PriceTable:
-        """A table with the bundled prices only and the default fallback."""
-        return cls()
+    def from_config(cls, cost: CostSection) -> PriceTable:
+        """The bundled prices with the ``[cost]`` section's overrides and fallback applied."""
+        overrides = {name: _prices_from(p.model_dump()) for name, p in cost.prices.items()}
+        fallback = _prices_from(cost.fallback.model_dump()) if cost.fallback else None
+        return cls(overrides, fallback)
 
     @property
     def fallback(self) -> Prices:
@@ -315,15 +321,14 @@ def fold_key(name: str, known: Collection[str], limit: int) -> str:
 
 
 def relevant(line: bytes) -> bool:
-    """Whether a raw line could affect accounting, so it is worth parsing.
+    """Whether a raw line that is not a JSON object could have affected accounting.
 
-    Usage and costs live under the keys ``usage`` and ``total_cost_usd``; result
-    lines also contain ``"result"``, which lets a result without a usable cost be
-    reported. JSON can spell any of these with ``\\u`` escapes, and as they are
-    ASCII every such escape starts ``\\u00``: a line with one passes too, so the
-    check never drops a line that matters. (Looking for ``\\u00`` rather than
-    ``\\u`` keeps lines whose only escapes are non-ASCII text, such as emoji, away
-    from the parser, and scans faster, as ``u`` is everywhere: see BENCHMARKS.md.)
+    Every line is parsed (orjson is faster than any prefilter: see BENCHMARKS.md); this only
+    decides whether a line that does not parse counts as a bad line, worth a warning, or is
+    noise such as a truncated log message. Usage and costs live under the keys ``usage`` and
+    ``total_cost_usd``, and result lines contain ``"result"``. JSON can spell any of these with
+    ``\\u`` escapes, and as they are ASCII every such escape starts ``\\u00``: a line with one
+    counts too, so no line that could have mattered is dropped silently.
     """
     return (
         b'"usage"' in line or b"total_cost_usd" in line or b'"result"' in line or b"\\u00" in line
@@ -410,8 +415,14 @@ _STATE_VERSION = 1
 class TranscriptLedger:
     """Cost state of one transcript across attempts; JSON-serialisable for the durable store.
 
-    Feed it every parsed line (or just the lines :func:`relevant` passes) in file
-    order, and call :meth:`new_attempt` when the file was truncated or replaced.
+    Feed it what a :class:`~agent.transcript.TranscriptReader` hands out with
+    :meth:`feed_chunk`, which also opens a new attempt when the file was truncated or
+    replaced; :meth:`feed` takes one parsed line. Lines that could matter but cannot be used
+    are counted in :attr:`bad_lines` and warned about once per kind of problem.
+
+    Everything taken from the input is bounded: counts (:data:`MAX_COUNT`), costs
+    (:data:`MAX_RESULT_USD`), model names (:data:`MAX_NAME`, and at most 32 distinct
+    ``by_model`` keys before the rest fold into :data:`OTHER`) and message ids.
     """
 
     def __init__(
@@ -511,6 +522,30 @@ class TranscriptLedger:
         key = fold_key(model, self._models, _MAX_MODELS)
         self._models.add(key)
         _add(into, key, amount)
+
+    def feed_chunk(self, chunk: Chunk) -> tuple[bool, int]:
+        """Feed one chunk read from the transcript; returns (changed, bad lines in it).
+
+        A restarted file first opens a new attempt. Every line is parsed: orjson parses the
+        lines that cannot matter faster than a prefilter scans them (see BENCHMARKS.md). A line
+        that is not a JSON object is a bad line if :func:`relevant` says it could have mattered;
+        over-long lines the reader skipped (and warned about) are bad lines too. All of them
+        are counted here, in :attr:`bad_lines`.
+        """
+        changed = False
+        if chunk.restarted:
+            self.new_attempt()
+            changed = True
+        before = self._bad_lines
+        self._bad_lines += chunk.skipped
+        feed = self.feed
+        for raw in chunk.lines:
+            line = parse_line(raw)
+            if line is not None:
+                changed |= feed(line)
+            elif relevant(raw):
+                self._bad("json", "skipping a transcript line that is not a JSON object")
+        return changed, self._bad_lines - before
 
     def feed(self, line: Mapping[str, Any]) -> bool:
         """Account for one parsed JSON line; True if cost, tokens or finality changed."""
@@ -798,23 +833,11 @@ def _cost_of_file(
 ) -> TranscriptCost:
     reader = TranscriptReader(path, None, max_line_bytes=max_line_bytes, on_warning=on_warning)
     ledger = TranscriptLedger(prices, on_warning)
-    lines = bad = 0
-    feed = ledger.feed
+    lines = 0
     while True:
         chunk = reader.read(budget=8 << 20)
-        if chunk.restarted:
-            ledger.new_attempt()
         lines += len(chunk.lines) + chunk.skipped
-        bad += chunk.skipped
-        for raw in chunk.lines:
-            # Parsing every line is cheaper than prefiltering it, and the ledger ignores the
-            # lines relevant() would drop; it only decides whether an unparsable line counts.
-            parsed = parse_line(raw)
-            if parsed is None:
-                if relevant(raw):
-                    bad += 1
-                continue
-            feed(parsed)
+        ledger.feed_chunk(chunk)
         if not chunk.more_pending:
             break
     return TranscriptCost(
@@ -827,7 +850,7 @@ def _cost_of_file(
         by_model=ledger.by_model,
         attempts=ledger.attempts,
         lines=lines,
-        bad_lines=bad + ledger.bad_lines,
+        bad_lines=ledger.bad_lines,
     )
 
 
@@ -842,7 +865,8 @@ def cost_of_path(
     PATH is a transcript file, or a run directory: then ``raw_output.jsonl`` in it
     and in each subdirectory one level down. Symlinks are not followed (a
     symlinked PATH file raises :class:`~agent.transcript.UnsafeFile`).
-    ``bad_lines`` counts lines that could matter but could not be used.
+    ``bad_lines`` counts lines that could matter but could not be used, as
+    :meth:`TranscriptLedger.feed_chunk` does for the running agent.
     """
     results = []
     for transcript in _transcripts(path):

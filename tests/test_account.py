@@ -25,7 +25,8 @@ from agent.account import (
     family_key,
     relevant,
 )
-from agent.transcript import UnsafeFile, parse_line
+from agent.config import CostSection
+from agent.transcript import Chunk, Position, UnsafeFile, parse_line
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STREAM = FIXTURES / "claude_stream"
@@ -244,7 +245,7 @@ def test_model_family_matching(model: str, family: str, input_price: float) -> N
 
 
 def test_bundled_price_rows() -> None:
-    table = PriceTable.bundled()
+    table = PriceTable()
     assert table.lookup(OPUS45, 0)[0] == Prices(5, 6.25, 10, 0.5, 25)
     assert table.lookup("claude-opus-4-1", 0)[0] == Prices(15, 18.75, 30, 1.5, 75)
     assert table.lookup(SONNET45, 0)[0] == Prices(3, 3.75, 6, 0.3, 15)
@@ -279,6 +280,17 @@ def test_unknown_models_get_the_fallback(model: str) -> None:
 
 def test_default_fallback_is_sonnet_4_5() -> None:
     assert PriceTable().fallback == Prices(3, 3.75, 6, 0.3, 15)
+
+
+def test_price_table_from_the_cost_section() -> None:
+    rates = {"input": 1, "cache_write_5m": 2, "cache_write_1h": 3, "cache_read": 4, "output": 5}
+    section = CostSection.model_validate(
+        {"prices": {"claude-sonnet-4-5": rates}, "fallback": {**rates, "input": 9}}
+    )
+    table = PriceTable.from_config(section)
+    assert table.lookup(SONNET45, 0) == (Prices(1, 2, 3, 4, 5), True)
+    assert table.lookup("mystery", 0) == (Prices(9, 2, 3, 4, 5), False)
+    assert PriceTable.from_config(CostSection()).lookup(OPUS45, 0) == PriceTable().lookup(OPUS45, 0)
 
 
 def test_overrides_take_precedence_and_match_carefully() -> None:
@@ -612,6 +624,52 @@ def test_an_over_long_message_id_is_not_kept() -> None:
         led.feed(assistant(f"{i}" + "i" * (MAX_NAME + 1), input_tokens=1000))
     assert led.dump()["window"] == []
     assert led.tokens.input == 3000  # each line counted as its own message
+
+
+# ---------------------------------------------------------------------------
+# Feeding raw chunks: the one place bad lines are counted
+
+
+def chunk(*lines: bytes, skipped: int = 0, restarted: bool = False) -> Chunk:
+    return Chunk(list(lines), restarted, Position(0, 0, 0, None), skipped)
+
+
+def test_feed_chunk_counts_every_kind_of_bad_line_and_warns_once_per_kind() -> None:
+    led, warnings = ledger()
+    good = orjson.dumps(assistant("m1", input_tokens=1000))
+    bad_usage = orjson.dumps(
+        {"type": "assistant", "message": {"id": "m2", "usage": {"input_tokens": "x"}}}
+    )
+    changed, bad = led.feed_chunk(
+        chunk(
+            good,
+            b'{"type":"assistant","usage" broken',
+            b'{"type":"assistant","usage" broken again',
+            b"plain log text, not accounting",
+            bad_usage,
+            bad_usage,
+            b'{"type":"result","total_cost_usd":-1}',
+            skipped=2,
+        )
+    )
+    assert changed
+    assert bad == 2 + 2 + 2 + 1
+    assert led.bad_lines == 7
+    assert sorted(w.split(" ")[0] for w in warnings) == ["assistant", "result", "skipping"]
+    assert all("only counted" in w for w in warnings)
+    changed, bad = led.feed_chunk(chunk(b'{"type":"result" broken', skipped=1))
+    assert (changed, bad) == (False, 2)
+    assert len(warnings) == 3
+
+
+def test_feed_chunk_opens_a_new_attempt_on_restart() -> None:
+    led, _ = ledger()
+    led.feed_chunk(chunk(orjson.dumps(result(0.5))))
+    changed, _ = led.feed_chunk(chunk(restarted=True))
+    assert changed
+    assert led.attempts == 1
+    assert not led.final
+    assert led.cost == 0.5
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.account import PriceTable, TranscriptLedger, relevant
+from agent.account import PriceTable, TranscriptLedger
 from agent.errors import AgentError, ReadError
 from agent.transcript import (
     Chunk,
@@ -386,11 +386,7 @@ def test_any_write_split_yields_the_original_lines_and_cost(
             for chunk in drain(reader, budget=max(read_size, 256)):
                 assert not chunk.restarted
                 got.extend(chunk.lines)
-                for raw in chunk.lines:
-                    # The prefilter must not change the outcome.
-                    parsed = parse_line(raw) if relevant(raw) else None
-                    if parsed is not None:
-                        ledger.feed(parsed)
+                ledger.feed_chunk(chunk)
         for chunk in drain(reader):
             got.extend(chunk.lines)
 
