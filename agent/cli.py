@@ -95,28 +95,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from agent.account import cost_of_path  # noqa: PLC0415
-    from agent.pipeline import price_table  # noqa: PLC0415
+    from agent.account import PriceTable, cost_of_path  # noqa: PLC0415
     from agent.report import cost_report, print_cost_table  # noqa: PLC0415
 
     path = Path(args.path)
     if not path.exists():
         print(f"adw-agent cost: {path}: no such file or directory", file=sys.stderr)
         return 1
-    prices = price_table(_config(args, check=False)) if args.config else None
-    costs = cost_of_path(path, prices or _default_prices())
+    prices = PriceTable.from_config(_config(args, check=False).cost) if args.config else None
+    costs = cost_of_path(path, prices or PriceTable())
     report = cost_report(costs)
     if args.json:
         _print_json(report)
     else:
         print_cost_table(report)
     return 0
-
-
-def _default_prices() -> Any:
-    from agent.account import PriceTable  # noqa: PLC0415
-
-    return PriceTable()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent.account import Prices, PriceTable, Tokens, TranscriptLedger, relevant
+from agent.account import PriceTable, Tokens, TranscriptLedger
 from agent.config import Config
 from agent.errors import ReadError
 from agent.events import Source
@@ -32,7 +32,7 @@ from agent.read import (
     read_tail,
     safe_subdir,
 )
-from agent.transcript import Position, TranscriptError, TranscriptReader, parse_line
+from agent.transcript import Position, TranscriptError, TranscriptReader
 
 log = logging.getLogger("adw_agent.pipeline")
 
@@ -41,22 +41,10 @@ _READ_BUDGET = 8 << 20
 _MISSING = object()
 
 
-def price_table(config: Config) -> PriceTable:
-    """The bundled prices with the config's overrides applied."""
-
-    def prices(section: Any) -> Prices:
-        return Prices(**section.model_dump())
-
-    overrides = {name: prices(p) for name, p in config.cost.prices.items()}
-    fallback = prices(config.cost.fallback) if config.cost.fallback else None
-    return PriceTable(overrides, fallback)
-
-
 @dataclass
 class _Transcript:
     reader: TranscriptReader
     ledger: TranscriptLedger
-    bad_lines: int = 0
 
 
 @dataclass
@@ -75,7 +63,7 @@ class Pipeline:
         self.config = config
         self.store = store
         self.run_dir = config.adw.dir
-        self.prices = price_table(config)
+        self.prices = PriceTable.from_config(config.cost)
         self._transcripts: dict[str, _Transcript] = {}
         self._warned: set[str] = set()
         self._last_read_error: dict[str, ReadError] = {}
@@ -367,7 +355,7 @@ class Pipeline:
             max_line_bytes=self.config.limits.max_line_bytes,
             on_warning=on_warning,
         )
-        entry = _Transcript(reader, ledger, int(saved.get("bad_lines", 0)) if saved else 0)
+        entry = _Transcript(reader, ledger)
         self._transcripts[key] = entry
         return entry
 
@@ -407,36 +395,10 @@ class Pipeline:
                 path=str(entry.reader.path),
             )
             return False
-        changed = fresh
-        if chunk.restarted:
-            entry.ledger.new_attempt()
-            changed = True
-        for raw in chunk.lines:
-            # Parsing every line is cheaper than prefiltering it (orjson parses the lines
-            # relevant() drops faster than its four scans read them: see BENCHMARKS.md), and
-            # the ledger ignores those lines. relevant() only decides whether an unparsable
-            # line could have mattered, and so deserves a warning.
-            line = parse_line(raw)
-            if line is None:
-                if relevant(raw):
-                    entry.bad_lines += 1
-                    self._warn_once(
-                        f"badline:{agent}",
-                        "skipping a transcript line that is not a JSON object "
-                        "(later ones are only counted)",
-                        path=str(entry.reader.path),
-                    )
-                continue
-            changed |= entry.ledger.feed(line)
+        changed, _ = entry.ledger.feed_chunk(chunk)
+        changed |= fresh
         if fresh or chunk.lines or chunk.restarted or chunk.skipped:
-            tx.put_json(
-                key,
-                {
-                    "position": chunk.position.dump(),
-                    "ledger": entry.ledger.dump(),
-                    "bad_lines": entry.bad_lines,
-                },
-            )
+            tx.put_json(key, {"position": chunk.position.dump(), "ledger": entry.ledger.dump()})
         if chunk.more_pending:
             outcome.more.add(key)
         return changed

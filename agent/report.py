@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from agent.account import TranscriptCost, TranscriptLedger
+from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
 from agent.errors import StorageError
 from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
@@ -91,9 +91,7 @@ def _seq(db: sqlite3.Connection) -> int:
 
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
-    from agent.pipeline import price_table  # noqa: PLC0415  (avoids an import cycle)
-
-    prices = price_table(config)
+    prices = PriceTable.from_config(config.cost)
     with _reading(config.storage.dir) as db:
         stats = outbox_stats(db)
         transcripts: dict[str, dict[str, Any]] = {}
@@ -107,7 +105,7 @@ def status_report(config: Config) -> dict[str, Any]:
                     "offset": int(saved["position"]["offset"]),
                     "cost": round(ledger.cost, 10),
                     "final": ledger.final,
-                    "bad_lines": int(saved.get("bad_lines", 0)),
+                    "bad_lines": ledger.bad_lines,
                 }
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 transcripts[agent] = {"error": f"unreadable saved state: {exc}"}

@@ -17,10 +17,12 @@ from typing import Any
 import orjson
 import pytest
 
+from agent.account import cost_of_path
 from agent.config import Config, load
 from agent.errors import StorageError
 from agent.outbox import Store
 from agent.pipeline import Pipeline
+from agent.report import status_report
 from tests.harness import AdwWriter, fixture_lines
 
 ADW = "55b761f6"
@@ -49,22 +51,33 @@ class Run:
         return [orjson.loads(body) for _, body in rows]
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
+def make_run(tmp_path: Path, limits: str = "") -> Run:
     run_dir = tmp_path / "agents" / ADW
     run_dir.mkdir(parents=True)
     path = tmp_path / "agent.toml"
     path.write_text(
         f'[adw]\ndir = "{run_dir}"\n[backend]\nurl = "http://127.0.0.1:9"\n'
-        f'[storage]\ndir = "{tmp_path / "storage"}"\n[limits]\nerror_excerpt_bytes = 256\n'
+        f'[storage]\ndir = "{tmp_path / "storage"}"\n[limits]\nerror_excerpt_bytes = 256\n' + limits
     )
-    r = Run(load(path, {}))
+    return Run(load(path, {}))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[Run]:
+    r = make_run(tmp_path)
     yield r
     r.store.close()
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:
     return [e["type"] for e in events]
+
+
+def result(usd: float, model_usage: dict[str, float] | None = None) -> dict[str, Any]:
+    line: dict[str, Any] = {"type": "result", "subtype": "success", "total_cost_usd": usd}
+    if model_usage is not None:
+        line["modelUsage"] = {m: {"costUSD": c} for m, c in model_usage.items()}
+    return line
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -356,3 +369,26 @@ def test_a_failed_batch_records_nothing_and_is_read_again(run: Run) -> None:
     assert run.take() == []
     events = run.process("state", "errorlog")
     assert types(events) == ["workflow_failed", "workflow_update"]
+
+
+# -- bad lines are counted in one place -------------------------------------------------------
+
+
+def test_status_and_cost_count_the_same_bad_lines(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "max_line_bytes = 1024\n")
+    try:
+        run.write.append(
+            "planner",
+            b'{"type":"assistant","usage" broken\n',
+            b'{"usage":"' + b"x" * 5000 + b'"}\n',
+            {"type": "assistant", "message": {"id": "m", "usage": {"input_tokens": -1}}},
+            {"type": "result", "total_cost_usd": "0.5"},
+            b"some log text\n",
+            result(0.5),
+        )
+        run.process("transcript:planner")
+        [cost] = cost_of_path(run.dir, run.pipeline.prices, max_line_bytes=1024)
+        assert cost.bad_lines == 4
+        assert status_report(run.config)["transcripts"]["planner"]["bad_lines"] == 4
+    finally:
+        run.store.close()
