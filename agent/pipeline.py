@@ -2,24 +2,54 @@
 
 Every batch of changes is handled in one store transaction: what was read (state snapshots,
 error.log size, transcript offsets and cost ledgers) is recorded together with the events it
-produced. If the transaction fails, the in-memory readers are dropped and rebuilt from the store,
-so the same bytes are read again later and nothing is counted twice.
+produced. If the transaction fails (the store cannot be written), the in-memory readers are
+dropped and rebuilt from the store, so the same bytes are read again later and nothing is
+counted twice.
+
+Within the batch each file is handled under its own savepoint. An unexpected error while
+handling one file (a bug, or input nobody foresaw) rolls back only that file's reads and events
+and drops its in-memory reader, so its changes are read again from the last saved point the next
+time it changes; it is logged once, with the file's path, until that file is handled again
+without error. The other files' events still commit. Only a failing store fails a whole batch.
+
+Order within a batch: transcripts; then the cost they add, charged to the phase that was current
+*before* this batch; then completed_phases.json, error.log and adw_state.json. Lines written
+just before a phase ends therefore count towards that phase even when the agent sees both at
+once, as on every catch-up after a restart. While a transcript has more to read than one batch
+takes, phase and state changes wait for it, so a backlog is charged to the phase it was written
+in (lines written after a phase change but seen in the same batch go to the earlier phase).
+
+Failures: a ``workflow_failed`` is queued when adw_state.json's status turns to "failed", unless
+a failure was already reported since the status last left "failed"; and every time error.log
+appears or grows, as it carries new error text. So error.log first and a failed status later (or
+both in one batch) give one event, while a failed status first and error.log appearing later
+give two, the second with the log's tail.
+
+Warnings follow one rule: once per problem per file, until that file reads fine again.
+
+A transcript whose saved state no longer loads (a damaged store row, or one written by a newer
+version) is frozen: it is not read, since reading it again from the start would count again what
+the backend already has. Its row stays untouched, its last reported cost stays in the total and
+in ``by_agent``, and the cost is reported neither final nor complete while it is frozen.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-from agent.account import PriceTable, Tokens, TranscriptLedger
+from agent.account import PriceTable, Tokens, TranscriptLedger, fold_key
 from agent.config import Config
-from agent.errors import ReadError
+from agent.errors import ReadError, StorageError
 from agent.events import Source
 from agent.outbox import Store, Transaction
 from agent.read import (
@@ -38,13 +68,21 @@ log = logging.getLogger("adw_agent.pipeline")
 
 UNPHASED = "unphased"
 _READ_BUDGET = 8 << 20
+#: Bounds on the run-wide breakdowns, whose keys come from files (see account.fold_key).
+_MAX_MODELS = 32
+_MAX_PHASES = 64
+#: Files whose warnings are remembered; names come from the run directory.
+_MAX_WARNED_FILES = 4096
+_FILES = {"state": STATE_FILE, "phases": PHASES_FILE, "errorlog": ERROR_LOG}
 _MISSING = object()
+_T = TypeVar("_T")
 
 
 @dataclass
 class _Transcript:
     reader: TranscriptReader
     ledger: TranscriptLedger
+    saved: bool  # whether the store has a row for it
 
 
 @dataclass
@@ -56,6 +94,66 @@ class Outcome:
     more: set[str] = field(default_factory=set)
 
 
+@dataclass
+class _Batch:
+    tx: Transaction
+    source: Source
+    outcome: Outcome = field(default_factory=Outcome)
+    cost_changed: bool = False
+
+
+class _Warnings:
+    """Warn once per problem per file, until the file reads fine again.
+
+    At most ``limit`` files are remembered, as their names come from the run directory; beyond
+    that the oldest is forgotten and may be warned about again.
+    """
+
+    def __init__(self, limit: int = _MAX_WARNED_FILES) -> None:
+        self._problems: dict[str, set[str]] = {}
+        self._limit = limit
+
+    def warn(self, file: str, problem: str, message: str, *args: object, path: str) -> None:
+        problems = self._problems.get(file)
+        if problems is None:
+            if len(self._problems) >= self._limit:
+                del self._problems[next(iter(self._problems))]
+            problems = self._problems[file] = set()
+        if problem not in problems:
+            problems.add(problem)
+            log.warning(message, *args, extra={"path": path})
+
+    def ok(self, file: str) -> None:
+        """The file read fine: its problems may be warned about again."""
+        self._problems.pop(file, None)
+
+    def problems(self, file: str) -> set[str] | None:
+        problems = self._problems.get(file)
+        return None if problems is None else set(problems)
+
+    def restore(self, file: str, problems: set[str] | None) -> None:
+        if problems is None:
+            self._problems.pop(file, None)
+        else:
+            self._problems[file] = problems
+
+
+def _phase_update(
+    current: str | None,
+    completed: list[str],
+    completed_phase: str | None = None,
+    phase_cost: float | None = None,
+) -> dict[str, Any]:
+    """The data of a ``phase_update``."""
+    return {
+        "current_phase": current,
+        "status": "running" if current else "completed",
+        "completed_phases": completed,
+        "completed_phase": completed_phase,
+        "phase_cost": phase_cost,
+    }
+
+
 class Pipeline:
     """Reads the files of one run directory and queues the events their changes mean."""
 
@@ -65,7 +163,9 @@ class Pipeline:
         self.run_dir = config.adw.dir
         self.prices = PriceTable.from_config(config.cost)
         self._transcripts: dict[str, _Transcript] = {}
-        self._warned: set[str] = set()
+        # Transcripts whose saved state does not load: never read (see the module docstring).
+        self._frozen: set[str] = set()
+        self._warnings = _Warnings()
         self._last_read_error: dict[str, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
 
@@ -93,7 +193,7 @@ class Pipeline:
         return None
 
     def all_keys(self) -> set[str]:
-        """Every file key that exists now, for a full rescan."""
+        """Every file key that may exist now, for a full rescan."""
         keys = {"state", "phases", "errorlog"}
         try:
             names = [p.name for p in self.run_dir.iterdir()]
@@ -104,68 +204,8 @@ class Pipeline:
                 keys.add(f"transcript:{name}")
         return keys | {f"transcript:{a}" for a in self._known_agents()}
 
-    # -- processing -----------------------------------------------------------------------
-
-    def process(self, keys: Iterable[str], source: Source = "event") -> Outcome:
-        """Handle a batch of changed files in one transaction."""
-        keys = self._expand(keys)
-        outcome = Outcome()
-        # Transcripts before phases: lines written before a phase ends count towards it.
-        ordered = sorted(keys, key=lambda k: (not k.startswith("transcript:"), k != "phases", k))
-        try:
-            with self.store.transaction() as tx:
-                cost_dirty = False
-                for key in ordered:
-                    if key.startswith("transcript:"):
-                        cost_dirty |= self._transcript(tx, key, outcome)
-                    elif key == "state":
-                        self._state(tx, source, outcome)
-                    elif key == "phases":
-                        self._phases(tx, outcome)
-                    elif key == "errorlog":
-                        self._errorlog(tx)
-                if cost_dirty:
-                    self._cost(tx, "event")
-                outcome.emitted = len(tx.emitted)
-        except BaseException:
-            # The store did not record what the readers consumed: rebuild them from the store.
-            self._transcripts.clear()
-            self._failures.clear()
-            raise
-        self._log_failures()
-        return outcome
-
-    def _log_failures(self) -> None:
-        # Logged once committed: a batch that is rolled back (disk full) and retried must not
-        # report the same failure again and again.
-        for reason in self._failures:
-            log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
-        self._failures.clear()
-
-    def snapshot(self) -> Outcome:
-        """Queue the full picture as ``sync`` events, so a backend that missed some converges.
-
-        Changes made while the agent was down are first read as ordinary events."""
-        outcome = self.process(self.all_keys())
-        with self.store.transaction() as tx:
-            self._state(tx, "sync", Outcome(), force=True)
-            phases = tx.get_json("phases")
-            if phases is not None:
-                tx.emit(
-                    "phase_update",
-                    {
-                        "current_phase": phases["current"],
-                        "status": "running" if phases["current"] else "completed",
-                        "completed_phases": phases["completed"],
-                    },
-                    "sync",
-                )
-            self._cost(tx, "sync", force=True)
-            outcome.emitted += len(tx.emitted)
-        self._log_failures()
-        return outcome
-
-    def _expand(self, keys: Iterable[str]) -> set[str]:
+    def expand(self, keys: Iterable[str]) -> set[str]:
+        """File keys for a batch: ``rescan`` becomes every key, ``agent:<a>`` its transcript."""
         out: set[str] = set()
         for key in keys:
             if key == "rescan":
@@ -176,28 +216,139 @@ class Pipeline:
                 out.add(key)
         return out
 
-    def _warn_once(self, key: str, message: str, *args: Any, **extra: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message, *args, extra=extra)
+    # -- processing -----------------------------------------------------------------------
 
-    # -- adw_state.json -------------------------------------------------------------------
+    def process(self, keys: Iterable[str]) -> Outcome:
+        """Handle a batch of changed files in one transaction (order: see the module docstring).
 
-    def _state(
-        self, tx: Transaction, source: Source, outcome: Outcome, force: bool = False
-    ) -> None:
-        path = self.run_dir / STATE_FILE
+        Raises :class:`~agent.errors.StorageError` when the store cannot be written; then
+        nothing of the batch is recorded and it can be processed again.
+        """
+        keys = self.expand(keys)
+        with self._batch("event") as b:
+            for key in sorted(k for k in keys if k.startswith("transcript:")):
+                self._isolated(b, key, partial(self._transcript, b, key))
+            if b.cost_changed:
+                self._isolated(b, "cost", partial(self._cost, b))
+            # A transcript with a backlog: it was written before the phase or state change seen
+            # now, so that change waits until the backlog is charged to the earlier phase.
+            waiting = keys & {"phases", "state"} if b.outcome.more else set()
+            b.outcome.more |= waiting
+            for key, step in (
+                ("phases", self._phases),
+                ("errorlog", self._errorlog),
+                ("state", self._state),
+            ):
+                if key in keys and key not in waiting:
+                    self._isolated(b, key, partial(step, b))
+        return b.outcome
+
+    def snapshot(self) -> Outcome:
+        """Queue the full picture as ``sync`` events, so a backend that missed some converges.
+
+        Changes made while the agent was down are first read as ordinary events."""
+        outcome = self.process(self.all_keys())
+        with self._batch("sync") as b:
+            self._isolated(b, "state", partial(self._state, b, force=True))
+            self._isolated(b, "phases", partial(self._phases_snapshot, b))
+            self._isolated(b, "cost", partial(self._cost, b, force=True))
+        outcome.emitted += b.outcome.emitted
+        return outcome
+
+    @contextmanager
+    def _batch(self, source: Source) -> Iterator[_Batch]:
         try:
-            state = read_state(path, self.config.limits.max_state_bytes)
+            with self.store.transaction() as tx:
+                batch = _Batch(tx, source)
+                yield batch
+                batch.outcome.emitted = len(tx.emitted)
+        except BaseException:
+            # The store did not record what the readers consumed: rebuild them from the store.
+            self._transcripts.clear()
+            self._failures.clear()
+            raise
+        # Logged once committed: a batch that is rolled back (disk full) and retried must not
+        # report the same failure again and again.
+        for reason in self._failures:
+            log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
+        self._failures.clear()
+
+    def _isolated(self, b: _Batch, key: str, step: Callable[[], None]) -> None:
+        """Run one file's step under a savepoint, so that its failure spares the other files."""
+        db = self.store.db
+        emitted, failures = len(b.tx.emitted), len(self._failures)
+        problems = self._warnings.problems(key)
+        db.execute("SAVEPOINT pipeline_file")
+        try:
+            step()
+        except (sqlite3.Error, StorageError):
+            raise  # the store itself failed: the whole batch is rolled back and retried
+        except Exception as exc:
+            db.execute("ROLLBACK TO pipeline_file")
+            db.execute("RELEASE pipeline_file")
+            del b.tx.emitted[emitted:]
+            del self._failures[failures:]
+            # Rebuilt from its saved row next time, so the rolled-back lines are read again.
+            self._transcripts.pop(key, None)
+            b.outcome.more.discard(key)
+            # A step that failed did not read its file fine, whatever it got to first.
+            self._warnings.restore(key, problems)
+            self._warnings.warn(
+                key,
+                "failed",
+                "skipping this file's changes after an unexpected error: %s: %.300s",
+                type(exc).__name__,
+                exc,
+                path=self._path_of(key),
+            )
+            log.debug("unexpected error handling %s", key, exc_info=True)
+            return
+        db.execute("RELEASE pipeline_file")
+
+    def _path_of(self, key: str) -> str:
+        if key.startswith("transcript:"):
+            return str(self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT)
+        name = _FILES.get(key)
+        return str(self.run_dir / name) if name else str(self.store.path)
+
+    # -- adw_state.json and completed_phases.json -----------------------------------------
+
+    def _read(self, b: _Batch, key: str, read: Callable[[Path, int], _T]) -> _T | None:
+        """The parsed state or phases file; None when it is absent or unreadable right now."""
+        path = self.run_dir / _FILES[key]
+        try:
+            value = read(path, self.config.limits.max_state_bytes)
         except FileNotFoundError:
-            return
+            self._warnings.ok(key)
+            return None
         except ReadError as exc:
-            outcome.retry.add("state")
-            self._failed_read("state", exc)
+            # Half-written files are normal and retried quietly; the caller warns once retries
+            # run out (see report_unreadable).
+            b.outcome.retry.add(key)
+            log.debug("cannot read yet: %s", exc, extra={"path": exc.path})
+            self._last_read_error[key] = exc
+            return None
+        self._warnings.ok(key)
+        return value
+
+    def report_unreadable(self, key: str) -> None:
+        """Retries for ``key`` ran out: warn once, with the path, and keep the last good state."""
+        exc = self._last_read_error.get(key)
+        if exc is not None:
+            self._warnings.warn(
+                key,
+                "unreadable",
+                "ignoring unreadable file, keeping the last good state: %s",
+                exc.reason,
+                path=exc.path,
+            )
+
+    def _state(self, b: _Batch, force: bool = False) -> None:
+        state = self._read(b, "state", read_state)
+        if state is None:
             return
-        self._warned.discard("read:state")
         canonical = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
-        last = tx.get("state")
+        last = b.tx.get("state")
         if canonical == last and not force:
             return
         previous: dict[str, Any] = orjson.loads(last) if last else {}
@@ -206,47 +357,21 @@ class Pipeline:
             for k in state.keys() | previous.keys()
             if state.get(k, _MISSING) != previous.get(k, _MISSING)
         )
-        tx.emit("workflow_update", {**state, "changed": changed}, source)
-        tx.put("state", canonical)
+        b.tx.emit("workflow_update", {**state, "changed": changed}, b.source)
+        b.tx.put("state", canonical)
         failed, was_failed = state.get("status") == "failed", previous.get("status") == "failed"
-        if failed and not was_failed and not tx.get_json("failure_reported"):
-            self._failure(tx, "state status is 'failed'", self._error_excerpt())
+        if failed and not was_failed and not b.tx.get_json("failure_reported"):
+            self._failure(b.tx, "state status is 'failed'", self._error_excerpt())
         elif was_failed and not failed:
             # A retried run that fails again is a new failure.
-            tx.delete("failure_reported")
+            b.tx.delete("failure_reported")
 
-    def _failed_read(self, key: str, exc: ReadError) -> None:
-        # Half-written files are normal and retried quietly; the caller warns once retries run
-        # out (see report_unreadable).
-        log.debug("cannot read yet: %s", exc, extra={"path": exc.path})
-        self._last_read_error[key] = exc
-
-    def report_unreadable(self, key: str) -> None:
-        """Retries for ``key`` ran out: warn once, with the path, and keep the last good state."""
-        exc = self._last_read_error.get(key)
-        if exc is not None:
-            self._warn_once(
-                f"read:{key}",
-                "ignoring unreadable file, keeping the last good state: %s",
-                exc.reason,
-                path=exc.path,
-            )
-
-    # -- completed_phases.json ------------------------------------------------------------
-
-    def _phases(self, tx: Transaction, outcome: Outcome) -> None:
-        path = self.run_dir / PHASES_FILE
-        try:
-            phases = read_phases(path, self.config.limits.max_state_bytes)
-        except FileNotFoundError:
+    def _phases(self, b: _Batch) -> None:
+        phases = self._read(b, "phases", read_phases)
+        if phases is None:
             return
-        except ReadError as exc:
-            outcome.retry.add("phases")
-            self._failed_read("phases", exc)
-            return
-        self._warned.discard("read:phases")
         now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
-        previous = tx.get_json("phases") or {"completed": [], "current": None}
+        previous = b.tx.get_json("phases") or {"completed": [], "current": None}
         if now == previous:
             return
         remaining = list(previous["completed"])
@@ -256,33 +381,29 @@ class Pipeline:
                 remaining.remove(phase)
             else:
                 newly.append(phase)
-        by_phase = (tx.get_json("cost") or {}).get("by_phase", {})
+        by_phase: dict[str, float] = self._saved_cost(b.tx)["by_phase"]
         for i, phase in enumerate(newly):
             # Several phases completed in one write: each intermediate update names the next
             # completed phase as current, so none of them claims the workflow has finished.
             current = newly[i + 1] if i + 1 < len(newly) else now["current"]
-            tx.emit(
-                "phase_update",
-                {
-                    "current_phase": current,
-                    "status": "running" if current else "completed",
-                    "completed_phases": now["completed"],
-                    "completed_phase": phase,
-                    "phase_cost": round(by_phase.get(phase, 0.0), 10),
-                },
-            )
+            # A phase folded into "other" (see _cost) has no cost of its own to report.
+            own = fold_key(phase, by_phase, _MAX_PHASES) == phase
+            cost = round(by_phase.get(phase, 0.0), 10) if own else None
+            update = _phase_update(current, now["completed"], phase, cost)
+            b.tx.emit("phase_update", update, b.source)
         if not newly:
-            tx.emit(
-                "phase_update",
-                {
-                    "current_phase": now["current"],
-                    "status": "running" if now["current"] else "completed",
-                    "completed_phases": now["completed"],
-                },
+            b.tx.emit("phase_update", _phase_update(now["current"], now["completed"]), b.source)
+        b.tx.put_json("phases", now)
+
+    def _phases_snapshot(self, b: _Batch) -> None:
+        phases = b.tx.get_json("phases")
+        if phases is not None:
+            b.tx.emit(
+                "phase_update", _phase_update(phases["current"], phases["completed"]), b.source
             )
-        tx.put_json("phases", now)
 
     def current_phase(self, tx: Transaction) -> str | None:
+        """The phase now current as last recorded: completed_phases.json, else the state's."""
         phases = tx.get_json("phases")
         if phases and phases.get("current"):
             return str(phases["current"])
@@ -300,27 +421,30 @@ class Pipeline:
         except (FileNotFoundError, ReadError):
             return ""
 
-    def _errorlog(self, tx: Transaction) -> None:
+    def _errorlog(self, b: _Batch) -> None:
         path = self.run_dir / ERROR_LOG
         try:
             tail = read_tail(path, self.config.limits.error_excerpt_bytes)
         except FileNotFoundError:
+            self._warnings.ok("errorlog")
             return
         except ReadError as exc:
-            self._warn_once("read:errorlog", "cannot read error.log: %s", exc.reason, path=exc.path)
+            self._warnings.warn(
+                "errorlog", "unreadable", "cannot read error.log: %s", exc.reason, path=exc.path
+            )
             return
-        previous = tx.get_json("errorlog") or {"ino": None, "size": 0}
+        self._warnings.ok("errorlog")
+        previous = b.tx.get_json("errorlog") or {"ino": None, "size": 0}
         same_file = previous["ino"] == tail.ino and tail.size >= previous["size"]
         grown = tail.size > previous["size"] if same_file else tail.size > 0
         if grown:
             reason = "error.log grew" if same_file and previous["size"] else "error.log appeared"
-            self._failure(tx, reason, tail.excerpt)
+            self._failure(b.tx, reason, tail.excerpt)
         if (previous["ino"], previous["size"]) != (tail.ino, tail.size):
-            tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
+            b.tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
 
     def _failure(self, tx: Transaction, reason: str, excerpt: str) -> None:
-        """Queue a failure. One failed state is reported once, whichever signal comes first;
-        error.log growing later is still reported, as it carries new information."""
+        """Queue a failure and mark it reported (when: see the module docstring)."""
         tx.put_json("failure_reported", True)
         tx.emit(
             "workflow_failed",
@@ -336,117 +460,148 @@ class Pipeline:
         ).fetchall()
         return [str(r[0]).removeprefix("transcript:") for r in rows]
 
-    def _load(self, tx: Transaction, key: str) -> _Transcript:
-        entry = self._transcripts.get(key)
-        if entry is not None:
-            return entry
-        agent = key.removeprefix("transcript:")
-        saved = tx.get_json(key)
-        on_warning = self._transcript_warning(agent)
-        position = Position.load(saved["position"]) if saved else None
-        ledger = (
-            TranscriptLedger.load(saved["ledger"], self.prices, on_warning)
-            if saved
-            else TranscriptLedger(self.prices, on_warning)
-        )
-        reader = TranscriptReader(
-            self.run_dir / agent / TRANSCRIPT,
-            position,
-            max_line_bytes=self.config.limits.max_line_bytes,
-            on_warning=on_warning,
-        )
-        entry = _Transcript(reader, ledger)
-        self._transcripts[key] = entry
-        return entry
-
-    def _transcript_warning(self, agent: str) -> Any:
-        path = str(self.run_dir / agent / TRANSCRIPT)
-
+    def _transcript_warning(self, path: Path) -> Callable[[str], None]:
         def warn(message: str) -> None:
-            log.warning("%s", message, extra={"path": path})
+            log.warning("%s", message, extra={"path": str(path)})
 
         return warn
 
-    def _transcript(self, tx: Transaction, key: str, outcome: Outcome) -> bool:
+    def _restore(self, tx: Transaction, key: str) -> _Transcript | None:
+        """A reader and ledger from the saved row (new ones without a row); None if frozen."""
+        path = self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT
+        warn = self._transcript_warning(path)
+        try:
+            saved = tx.get_json(key)
+            if saved is None:
+                position, ledger = None, TranscriptLedger(self.prices, warn)
+            else:
+                position = Position.load(saved["position"])
+                ledger = TranscriptLedger.load(saved["ledger"], self.prices, warn)
+        except (KeyError, TypeError, ValueError) as exc:  # TypeError: a row that is not a blob
+            self._frozen.add(key)
+            self._warnings.warn(
+                key,
+                "damaged",
+                "the saved state of this transcript does not load (%.200s): it is no longer "
+                "read, so nothing is counted twice, and its last reported cost is kept",
+                exc,
+                path=str(path),
+            )
+            return None
+        reader = TranscriptReader(
+            path, position, max_line_bytes=self.config.limits.max_line_bytes, on_warning=warn
+        )
+        return _Transcript(reader, ledger, saved is not None)
+
+    def _transcript(self, b: _Batch, key: str) -> None:
+        if key in self._frozen:
+            return
         agent = key.removeprefix("transcript:")
         if safe_subdir(self.run_dir, agent) is None:
             # Not a real directory (gone, a file, or a symlink that could lead outside the run
             # directory): read nothing; what was counted from it stays in the store.
             if (self.run_dir / agent).is_symlink():
-                self._warn_once(
-                    f"link:{agent}",
+                self._warnings.warn(
+                    key,
+                    "symlink",
                     "not following symlinked directory",
                     path=str(self.run_dir / agent),
                 )
-            return False
-        # A transcript seen for the first time is news even when empty: an agent has started,
-        # so the run's cost is no longer final.
-        fresh = tx.get(key) is None
-        entry = self._load(tx, key)
+            return
+        entry = self._transcripts.get(key) or self._restore(b.tx, key)
+        if entry is None:
+            return
         try:
             chunk = entry.reader.read(_READ_BUDGET)
         except FileNotFoundError:
-            return False
-        except (TranscriptError, OSError) as exc:
-            self._warn_once(
-                f"transcript:{agent}",
-                "cannot read transcript: %s",
-                exc,
-                path=str(entry.reader.path),
-            )
-            return False
-        changed, _ = entry.ledger.feed_chunk(chunk)
-        changed |= fresh
-        if fresh or chunk.lines or chunk.restarted or chunk.skipped:
-            tx.put_json(key, {"position": chunk.position.dump(), "ledger": entry.ledger.dump()})
-        if chunk.more_pending:
-            outcome.more.add(key)
-        return changed
-
-    def _all_ledgers(self, tx: Transaction) -> dict[str, TranscriptLedger]:
-        return {
-            key.removeprefix("transcript:"): self._load(tx, key).ledger
-            for key in {f"transcript:{a}" for a in self._known_agents()} | set(self._transcripts)
-        }
-
-    def _cost(self, tx: Transaction, source: Source, force: bool = False) -> None:
-        ledgers = self._all_ledgers(tx)
-        if not ledgers and not force:
+            # A directory without a transcript (screenshots/, say) is no agent: nothing is kept
+            # for it until a transcript appears.
+            self._warnings.ok(key)
             return
-        total = math.fsum(ledger.cost for ledger in ledgers.values())
-        tokens = Tokens()
-        by_model: dict[str, float] = {}
-        for ledger in ledgers.values():
-            tokens = tokens + ledger.tokens
-            for model, usd in ledger.by_model.items():
-                by_model[model] = by_model.get(model, 0.0) + usd
-        final = bool(ledgers) and all(ledger.final for ledger in ledgers.values())
-        complete = all(ledger.estimate_complete for ledger in ledgers.values())
-        saved = tx.get_json("cost") or {
+        except (TranscriptError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, ReadError) else exc.strerror or str(exc)
+            self._warnings.warn(
+                key, "unreadable", "cannot read transcript: %s", reason, path=str(entry.reader.path)
+            )
+            return
+        self._warnings.ok(key)
+        self._transcripts[key] = entry
+        changed, _ = entry.ledger.feed_chunk(chunk)
+        # A transcript seen for the first time is news even when empty: an agent has started,
+        # so the run's cost is no longer final.
+        fresh = not entry.saved
+        if fresh or changed or chunk.lines or chunk.skipped:
+            b.tx.put_json(key, {"position": chunk.position.dump(), "ledger": entry.ledger.dump()})
+            entry.saved = True
+        if chunk.more_pending:
+            b.outcome.more.add(key)
+        b.cost_changed |= fresh or changed
+
+    def _ledgers(self, tx: Transaction) -> tuple[dict[str, TranscriptLedger], list[str]]:
+        """The ledger of every transcript in the store, and the agents whose one is frozen."""
+        ledgers: dict[str, TranscriptLedger] = {}
+        frozen: list[str] = []
+        for agent in self._known_agents():
+            key = f"transcript:{agent}"
+            entry = self._transcripts.get(key)
+            if entry is None and key not in self._frozen:
+                entry = self._restore(tx, key)
+                if entry is not None:
+                    self._transcripts[key] = entry
+            if entry is None:
+                frozen.append(agent)
+            else:
+                ledgers[agent] = entry.ledger
+        return ledgers, frozen
+
+    @staticmethod
+    def _saved_cost(tx: Transaction) -> dict[str, Any]:
+        saved: dict[str, Any] = tx.get_json("cost") or {
             "reported": 0.0,
             "by_phase": {},
             "final": False,
             "tokens": None,
         }
+        saved.setdefault("by_agent", {})  # absent from rows saved by earlier versions
+        return saved
+
+    def _cost(self, b: _Batch, force: bool = False) -> None:
+        ledgers, frozen = self._ledgers(b.tx)
+        if not ledgers and not frozen and not force:
+            return
+        saved = self._saved_cost(b.tx)
+        by_agent = {agent: ledger.cost for agent, ledger in ledgers.items()}
+        for agent in frozen:
+            by_agent[agent] = float(saved["by_agent"].get(agent, 0.0))
+        total = math.fsum(by_agent.values())
+        tokens = Tokens()
+        by_model: dict[str, float] = {}
+        for agent in sorted(ledgers):
+            tokens = tokens + ledgers[agent].tokens
+            for model, usd in sorted(ledgers[agent].by_model.items()):
+                key = fold_key(model, by_model, _MAX_MODELS)
+                by_model[key] = by_model.get(key, 0.0) + usd
+        final = bool(ledgers) and not frozen and all(lg.final for lg in ledgers.values())
+        complete = not frozen and all(lg.estimate_complete for lg in ledgers.values())
         token_list = [tokens.input, tokens.output, tokens.cache_creation, tokens.cache_read]
         delta = total - saved["reported"]
         unchanged = abs(delta) < 1e-12 and saved["final"] == final and saved["tokens"] == token_list
         if unchanged and not force:
             return
-        phase = self.current_phase(tx) or UNPHASED
         by_phase: dict[str, float] = saved["by_phase"]
         if abs(delta) >= 1e-12:
+            phase = fold_key(self.current_phase(b.tx) or UNPHASED, by_phase, _MAX_PHASES)
             by_phase[phase] = by_phase.get(phase, 0.0) + delta
-        tx.emit(
+        b.tx.emit(
             "cost_update",
             {
                 "current_cost": round(total, 10),
                 "cost_delta": round(delta, 10),
                 "final": final,
-                "current_phase": self.current_phase(tx),
+                "current_phase": self.current_phase(b.tx),
                 "estimate_complete": complete,
                 "breakdown": {
-                    "by_agent": {a: round(lg.cost, 10) for a, lg in sorted(ledgers.items())},
+                    "by_agent": {a: round(v, 10) for a, v in sorted(by_agent.items())},
                     "by_model": {m: round(v, 10) for m, v in sorted(by_model.items())},
                     "by_phase": {p: round(v, 10) for p, v in sorted(by_phase.items())},
                 },
@@ -457,8 +612,13 @@ class Pipeline:
                     "cache_read": tokens.cache_read,
                 },
             },
-            source,
+            b.source,
         )
-        tx.put_json(
-            "cost", {"reported": total, "by_phase": by_phase, "final": final, "tokens": token_list}
-        )
+        record = {
+            "reported": total,
+            "by_phase": by_phase,
+            "final": final,
+            "tokens": token_list,
+            "by_agent": by_agent,
+        }
+        b.tx.put_json("cost", record)

@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from agent.account import cost_of_path
+import agent.pipeline
+from agent.account import OTHER, TranscriptLedger, cost_of_path
 from agent.config import Config, load
 from agent.errors import StorageError
-from agent.outbox import Store
+from agent.outbox import Store, Transaction
 from agent.pipeline import Pipeline
 from agent.report import status_report
+from agent.transcript import Chunk
 from tests.harness import AdwWriter, fixture_lines
 
 ADW = "55b761f6"
@@ -49,6 +51,11 @@ class Run:
         for seq, _ in rows:
             self.store.ack(seq)
         return [orjson.loads(body) for _, body in rows]
+
+    def restart(self) -> Pipeline:
+        """A new pipeline on the same store, as after a restart of the agent."""
+        self.pipeline = Pipeline(self.config, self.store)
+        return self.pipeline
 
 
 def make_run(tmp_path: Path, limits: str = "") -> Run:
@@ -78,6 +85,20 @@ def result(usd: float, model_usage: dict[str, float] | None = None) -> dict[str,
     if model_usage is not None:
         line["modelUsage"] = {m: {"costUSD": c} for m, c in model_usage.items()}
     return line
+
+
+def the(kind: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data of the one event of ``kind``."""
+    [event] = [e for e in events if e["type"] == kind]
+    return dict(event["data"])
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, path: Path) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and getattr(r, "path", None) == str(path)
+    ]
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -371,6 +392,285 @@ def test_a_failed_batch_records_nothing_and_is_read_again(run: Run) -> None:
     assert types(events) == ["workflow_failed", "workflow_update"]
 
 
+def test_an_error_inside_a_step_that_is_the_stores_fails_the_whole_batch(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.write.state(STATE)
+    run.write.error_log("boom\n")
+
+    def disk_full(self: Transaction, key: str, value: bytes) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Transaction, "put", disk_full)
+    with pytest.raises(StorageError, match="disk is full"):
+        run.pipeline.process({"state", "errorlog"})
+    monkeypatch.undo()
+    assert run.take() == []
+    assert types(run.process("state", "errorlog")) == ["workflow_failed", "workflow_update"]
+
+
+# -- one file's failure spares the others ------------------------------------------------------
+
+
+def test_an_unexpected_error_in_one_file_spares_the_others_and_is_warned_once(
+    run: Run, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    feed_chunk = TranscriptLedger.feed_chunk
+
+    def faulty(self: TranscriptLedger, chunk: Chunk) -> tuple[bool, int]:
+        if any(b"POISON" in line for line in chunk.lines):
+            raise RuntimeError("injected fault")
+        return feed_chunk(self, chunk)
+
+    monkeypatch.setattr(TranscriptLedger, "feed_chunk", faulty)
+    bad = run.dir / "bad" / "raw_output.jsonl"
+    run.write.append("bad", result(0.25), b'{"type":"user","text":"POISON"}\n')
+    run.write.append("good", result(1.0))
+    run.write.state(STATE)
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        events = run.process("transcript:bad", "transcript:good", "state")
+        assert types(events) == ["cost_update", "workflow_update"]
+        cost = the("cost_update", events)
+        assert cost["breakdown"]["by_agent"] == {"good": 1.0}
+        assert cost["final"] is True
+        [warning] = warnings_about(caplog, bad)
+        assert "injected fault" in warning
+        assert (
+            run.store.db.execute("SELECT 1 FROM files WHERE key = 'transcript:bad'").fetchall()
+            == []
+        )
+        # Still failing: the other files go on, and the warning is not repeated.
+        run.write.append("bad", result(0.5))
+        run.write.state({**STATE, "branch_name": "b"})
+        assert types(run.process("transcript:bad", "state")) == ["workflow_update"]
+        assert len(warnings_about(caplog, bad)) == 1
+        # Fixed: read from where it stopped (the start), and counted once.
+        monkeypatch.undo()
+        cost = the("cost_update", run.process("transcript:bad"))
+        assert cost["breakdown"]["by_agent"] == {"bad": 0.5, "good": 1.0}
+        # Handled fine once: a new failure is warned about again.
+        monkeypatch.setattr(TranscriptLedger, "feed_chunk", faulty)
+        run.write.append("bad", b'{"POISON":1}\n')
+        assert run.process("transcript:bad") == []
+        assert len(warnings_about(caplog, bad)) == 2
+
+
+def test_counts_that_would_overflow_are_bad_lines_and_the_batch_commits(
+    run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = run.dir / "hostile" / "raw_output.jsonl"
+    huge = [
+        {
+            "type": "assistant",
+            "message": {
+                "id": f"m{i}",
+                "model": "claude-sonnet-4-5",
+                "usage": {"input_tokens": 2**63 - 1},
+            },
+        }
+        for i in range(3)
+    ]
+    run.write.append("hostile", *huge)
+    run.write.state(STATE)
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        events = run.process("transcript:hostile", "state")
+    assert sorted(types(events)) == ["cost_update", "workflow_update"]
+    assert the("cost_update", events)["tokens"]["input"] == 0
+    [warning] = warnings_about(caplog, path)
+    assert "malformed usage" in warning
+    assert status_report(run.config)["transcripts"]["hostile"]["bad_lines"] == 3
+    # The reader went past them: the next line is counted.
+    run.write.append("hostile", result(0.5))
+    assert the("cost_update", run.process("transcript:hostile"))["current_cost"] == 0.5
+
+
+DAMAGE: dict[str, Callable[[dict[str, Any]], bytes | str]] = {
+    "ledger of a newer version": lambda row: orjson.dumps(
+        {**row, "ledger": {**row["ledger"], "v": 99}}
+    ),
+    "position garbage": lambda row: orjson.dumps({**row, "position": {"offset": -1}}),
+    "not a mapping": lambda row: orjson.dumps([row]),
+    "not JSON": lambda row: orjson.dumps(row)[:-5],
+    "stored as text": lambda row: orjson.dumps(row).decode(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_saved_transcript_is_frozen_and_the_rest_goes_on(
+    run: Run, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    planner = run.dir / "planner" / "raw_output.jsonl"
+    run.write.append("planner", result(0.5))
+    run.write.append("builder", result(0.25))
+    run.process("transcript:planner", "transcript:builder")
+    row = orjson.loads(
+        run.store.db.execute("SELECT value FROM files WHERE key = 'transcript:planner'").fetchone()[
+            0
+        ]
+    )
+    damaged = DAMAGE[damage](row)
+    run.store.db.execute("UPDATE files SET value = ? WHERE key = 'transcript:planner'", (damaged,))
+    run.restart()
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        run.pipeline.snapshot()  # raised before: startup failed with a traceback
+        cost = the("cost_update", run.take())
+        # Its last reported cost stays; as it can no longer be followed, nothing is final.
+        assert cost["current_cost"] == 0.75
+        assert cost["breakdown"]["by_agent"] == {"builder": 0.25, "planner": 0.5}
+        assert cost["final"] is False
+        assert cost["estimate_complete"] is False
+        # Not read again (that would count it twice); the other files go on.
+        run.write.append("planner", result(9.0))
+        run.write.append("tester", result(0.125))
+        run.write.state(STATE)
+        events = run.process("transcript:planner", "transcript:tester", "state")
+        assert types(events) == ["cost_update", "workflow_update"]
+        assert the("cost_update", events)["current_cost"] == 0.875
+        [warning] = warnings_about(caplog, planner)
+        assert "does not load" in warning
+    stored = run.store.db.execute("SELECT value FROM files WHERE key = 'transcript:planner'")
+    assert stored.fetchone()[0] == damaged
+
+
+# -- cost and phases in one batch ------------------------------------------------------------
+
+
+def test_cost_seen_with_a_phase_change_is_charged_to_the_phase_that_ended(run: Run) -> None:
+    run.write.phases([], "Plan")
+    run.process("phases")
+    run.write.append("planner", result(1.5))
+    run.write.phases(["Plan"], "Build")
+    events = run.process("transcript:planner", "phases")
+    assert types(events) == ["cost_update", "phase_update"]
+    cost = the("cost_update", events)
+    assert cost["breakdown"]["by_phase"] == {"Plan": 1.5}
+    assert cost["current_phase"] == "Plan"
+    update = the("phase_update", events)
+    assert (update["completed_phase"], update["phase_cost"]) == ("Plan", 1.5)
+    assert update["current_phase"] == "Build"
+
+
+def test_catch_up_after_a_restart_charges_the_phase_that_ended(run: Run) -> None:
+    run.write.phases([], "Plan")
+    run.process("phases")
+    # The agent is down while the planner finishes and the phase ends.
+    run.write.append(
+        "planner", *fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+    )
+    run.write.phases(["Plan"], "Build")
+    run.restart().snapshot()
+    events = run.take()
+    update = the("phase_update", [e for e in events if e["source"] == "event"])
+    assert update["completed_phase"] == "Plan"
+    assert update["phase_cost"] == pytest.approx(0.2192615, abs=1e-9)
+    assert the("cost_update", events)["breakdown"]["by_phase"] == {
+        "Plan": pytest.approx(0.2192615, abs=1e-9)
+    }
+
+
+def test_a_backlog_longer_than_one_batch_is_charged_before_the_phase_changes(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent.pipeline, "_READ_BUDGET", 4096)
+    # Over the reader's 1 MiB reads, so the transcript takes several batches; the result line
+    # at the end covers every message before it.
+    padding = "x" * 1000
+    lines = [
+        orjson.dumps(
+            {
+                "type": "assistant",
+                "message": {
+                    "id": f"m{i}",
+                    "model": "claude-sonnet-4-5",
+                    "usage": {"input_tokens": 1000},
+                    "content": [{"type": "text", "text": padding}],
+                },
+            }
+        )
+        + b"\n"
+        for i in range(3000)
+    ] + fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+    run.write.phases([], "Plan")
+    run.process("phases")
+    run.write.append("planner", *lines)
+    run.write.phases(["Plan"], "Build")
+    state_changed = {**STATE, "current_phase": "Build"}
+    run.write.state(state_changed)
+    keys = {"transcript:planner", "phases", "state"}
+    batches = 0
+    while keys:
+        outcome = run.pipeline.process(keys)
+        keys = outcome.more
+        batches += 1
+    assert batches > 2
+    events = run.take()
+    update = the("phase_update", events)
+    assert update["phase_cost"] == pytest.approx(0.2192615, abs=1e-9)
+    last = [e for e in events if e["type"] == "cost_update"][-1]["data"]
+    assert last["breakdown"]["by_phase"] == {"Plan": pytest.approx(0.2192615, abs=1e-9)}
+    assert the("workflow_update", events)["current_phase"] == "Build"
+
+
+# -- what is an agent ------------------------------------------------------------------------
+
+
+def test_a_directory_without_a_transcript_is_not_an_agent(run: Run) -> None:
+    (run.dir / "screenshots").mkdir()
+    (run.dir / "screenshots" / "home.png").write_bytes(b"\x89PNG")
+    (run.dir / "review_img").mkdir()
+    run.write.append("planner", result(0.5))
+    events = run.process("agent:screenshots", "agent:review_img", "transcript:planner")
+    cost = the("cost_update", events)
+    assert cost["breakdown"]["by_agent"] == {"planner": 0.5}
+    assert cost["final"] is True
+    rows = run.store.db.execute("SELECT key FROM files WHERE key LIKE 'transcript:%'")
+    assert [r[0] for r in rows] == ["transcript:planner"]
+    # The same picture after a restart.
+    run.restart().snapshot()
+    sync = the("cost_update", run.take())
+    assert (sync["breakdown"]["by_agent"], sync["final"]) == ({"planner": 0.5}, True)
+    # A transcript appearing there makes it an agent.
+    run.write.append("screenshots", result(0.25))
+    cost = the("cost_update", run.process("transcript:screenshots"))
+    assert cost["breakdown"]["by_agent"] == {"planner": 0.5, "screenshots": 0.25}
+
+
+# -- bounded breakdowns ------------------------------------------------------------------------
+
+
+def test_by_phase_is_bounded_and_a_folded_phase_has_no_cost_of_its_own(run: Run) -> None:
+    completed: list[str] = []
+    long_name = "phase-" + "x" * 1000
+    names = [long_name] + [f"phase-{i}" for i in range(70)]
+    events: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        run.write.phases(completed, name)
+        events += run.process("phases")
+        run.write.append(f"agent{i}", result(0.01))
+        run.process(f"transcript:agent{i}")
+        completed = [*completed, name]
+    run.write.phases(completed, None)
+    events += run.process("phases")
+    run.write.append("last", result(0.01))
+    by_phase = the("cost_update", run.process("transcript:last"))["breakdown"]["by_phase"]
+    assert len(by_phase) <= 65
+    assert long_name not in by_phase
+    assert sum(by_phase.values()) == pytest.approx(0.01 * (len(names) + 1))
+    costs = {e["data"]["completed_phase"]: e["data"]["phase_cost"] for e in events[1:]}
+    assert costs["phase-0"] == pytest.approx(0.01)
+    assert costs[long_name] is None
+    assert costs["phase-69"] is None
+
+
+def test_by_model_over_all_transcripts_is_bounded(run: Run) -> None:
+    for i in range(40):
+        run.write.append(f"agent{i}", result(0.01, {f"model-{i}": 0.01}))
+    keys = [f"transcript:agent{i}" for i in range(40)]
+    by_model = the("cost_update", run.process(*keys))["breakdown"]["by_model"]
+    assert len(by_model) == 33
+    assert by_model[OTHER] == pytest.approx(0.08)
+
+
 # -- bad lines are counted in one place -------------------------------------------------------
 
 
@@ -392,3 +692,31 @@ def test_status_and_cost_count_the_same_bad_lines(tmp_path: Path) -> None:
         assert status_report(run.config)["transcripts"]["planner"]["bad_lines"] == 4
     finally:
         run.store.close()
+
+
+# -- warnings ----------------------------------------------------------------------------------
+
+
+def test_a_problem_is_warned_once_and_again_after_the_file_read_fine(
+    run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    errorlog = run.dir / "error.log"
+    transcript = run.dir / "planner" / "raw_output.jsonl"
+    outside = run.dir.parent / "outside.jsonl"
+    outside.write_bytes(orjson.dumps(result(1.0)) + b"\n")
+    (run.dir / "planner").mkdir()
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        for _ in range(2):
+            errorlog.mkdir()
+            transcript.symlink_to(outside)
+            run.process("errorlog", "transcript:planner")
+            run.process("errorlog", "transcript:planner")
+            errorlog.rmdir()
+            transcript.unlink()
+            run.write.error_log("boom\n")
+            run.write.append("planner", result(0.5))
+            run.process("errorlog", "transcript:planner")
+            errorlog.unlink()
+            transcript.unlink()
+    assert len(warnings_about(caplog, errorlog)) == 2
+    assert len(warnings_about(caplog, transcript)) == 2
