@@ -160,6 +160,7 @@ def read_state(path: Path, limit: int) -> dict[str, Any]:
 
 
 def read_phases(path: Path, limit: int) -> CompletedPhases:
+    """The completed phases as a model, keeping unknown keys. Raises ReadError."""
     data = _parse(path, limit)
     try:
         return CompletedPhases.model_validate(data)
