@@ -12,6 +12,8 @@ so it never reorders or stands in for a queued event.
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,3 +128,24 @@ class Event(BaseModel):
 def check_data(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
     """Validate ``data`` against its model and return it as plain JSON data."""
     return DATA_MODELS[event_type].model_validate(data).model_dump(mode="json")
+
+
+def utc_now() -> str:
+    """Now as the envelope's ``timestamp``: ISO 8601, UTC, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def envelope(
+    event_type: str, adw_id: str, seq: int, source: Source, data: dict[str, Any]
+) -> dict[str, Any]:
+    """A new event: the :class:`Event` envelope around ``data`` (already checked with
+    :func:`check_data`), with a fresh ``event_id`` and the current time."""
+    return {
+        "type": event_type,
+        "event_id": str(uuid.uuid4()),
+        "adw_id": adw_id,
+        "seq": seq,
+        "timestamp": utc_now(),
+        "source": source,
+        "data": data,
+    }

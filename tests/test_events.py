@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent.events import COALESCIBLE, DATA_MODELS, Event, EventType, check_data
+from agent.events import COALESCIBLE, DATA_MODELS, Event, EventType, check_data, envelope
 
 
-def envelope(**over: Any) -> dict[str, Any]:
+def an_event(**over: Any) -> dict[str, Any]:
     return {
         "type": "workflow_failed",
         "event_id": "0b0f4c1e-3f0e-4d55-a2b3-0f5f3f6d9e01",
@@ -33,7 +33,7 @@ def test_only_snapshots_coalesce() -> None:
 
 
 def test_envelope_accepts_a_well_formed_event() -> None:
-    event = Event.model_validate(envelope())
+    event = Event.model_validate(an_event())
     assert event.seq == 1
     assert event.source == "event"
 
@@ -49,12 +49,12 @@ def test_envelope_accepts_a_well_formed_event() -> None:
 )
 def test_envelope_rejects(field: str, value: Any) -> None:
     with pytest.raises(ValidationError):
-        Event.model_validate(envelope(**{field: value}))
+        Event.model_validate(an_event(**{field: value}))
 
 
 def test_envelope_rejects_unknown_keys() -> None:
     with pytest.raises(ValidationError, match="extra"):
-        Event.model_validate(envelope(token="x"))
+        Event.model_validate(an_event(token="x"))
 
 
 def test_workflow_update_keeps_every_state_key_and_needs_changed() -> None:
@@ -111,3 +111,20 @@ def test_agent_status_defaults() -> None:
     assert check_data("agent_status", data) == {**data, "storage_error": None, "dead_letters": 0}
     with pytest.raises(ValidationError, match="state"):
         check_data("agent_status", {**data, "state": "crashed"})
+
+
+def test_envelope_builds_a_valid_event_with_a_fresh_id() -> None:
+    failure = {"reason": "r", "error_excerpt": "", "current_phase": None}
+    data = check_data("workflow_failed", failure)
+    first = envelope("workflow_failed", "55b761f6", 7, "sync", data)
+    second = envelope("workflow_failed", "55b761f6", 7, "sync", data)
+    event = Event.model_validate(first)
+    assert (event.type, event.adw_id, event.seq, event.source) == (
+        "workflow_failed",
+        "55b761f6",
+        7,
+        "sync",
+    )
+    assert event.data == data
+    assert event.timestamp.endswith("Z")
+    assert first["event_id"] != second["event_id"]
