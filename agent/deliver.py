@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import importlib.util
 import logging
 import math
 import random
 import ssl
-import sys
 import time
-import uuid
 from datetime import UTC
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,32 +34,16 @@ from tenacity.wait import wait_base
 from agent import __version__
 from agent.config import Config
 from agent.errors import DeliveryError, PermanentDelivery, RetryableDelivery, StorageError
-from agent.events import check_data
-from agent.outbox import Queued, Store, utc_now
+from agent.events import check_data, envelope
+from agent.logs import add_secret, redact
+from agent.outbox import STORAGE_RETRY, Queued, Store
 
 log = logging.getLogger("adw_agent.deliver")
 
 
-def _remember_that_sniffio_is_missing() -> None:
-    """Make httpcore's per-request ``import sniffio`` fail fast when sniffio is not installed.
-
-    httpcore imports the optional ``sniffio`` inside the locks and cancellation shields it sets
-    up for every request. Python does not cache a failed import, so without sniffio each of
-    those imports searched sys.path again: about a quarter of the sender's CPU per event (py-spy;
-    see BENCHMARKS.md). Recording the absence once gives the same ImportError at once. With
-    sniffio installed this does nothing.
-    """
-    if importlib.util.find_spec("sniffio") is None:
-        # None in sys.modules is the documented way to say "no such module" (typeshed omits it).
-        cast(dict[str, Any], sys.modules).setdefault("sniffio", None)
-
-
-_remember_that_sniffio_is_missing()
-
 RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
 MAX_RETRY_AFTER = 600.0
 _RESPONSE_EXCERPT = 2000
-_STORAGE_RETRY = 1.0
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -85,18 +66,33 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def classify(response: httpx.Response, secret: str | None = None) -> None:
+async def read_excerpt(response: httpx.Response, limit: int = _RESPONSE_EXCERPT) -> str:
+    """The first ``limit`` bytes of a streamed response's body, as text.
+
+    The backend does not decide how much is read: at most one network read past ``limit``,
+    the rest is never read (the connection is then closed instead of kept alive). The bytes
+    are taken as sent, not decompressed: a small compressed body could expand without bound.
+    """
+    data = bytearray()
+    if response.is_stream_consumed:  # the whole body is in memory already
+        data += response.content[:limit]
+    else:
+        async for chunk in response.aiter_raw():
+            data += chunk
+            if len(data) > limit:
+                break
+    return data[:limit].decode("utf-8", errors="replace")
+
+
+def classify(response: httpx.Response, body: str) -> None:
     """Raise the delivery error a non-2xx response means; return for a 2xx.
 
-    The body excerpt is kept (dead letters, logs, status), so ``secret`` (the token), should
-    a careless backend echo it back, is redacted from it first.
+    ``body`` is the excerpt of the answer that is kept (dead letters, logs, status); the
+    caller has redacted the token from it.
     """
     status = response.status_code
     if 200 <= status < 300:
         return
-    body = response.text[:_RESPONSE_EXCERPT]
-    if secret:
-        body = body.replace(secret, "<redacted>")
     if status in RETRYABLE_STATUS or status >= 500:
         raise RetryableDelivery(
             f"backend answered {status}",
@@ -108,7 +104,7 @@ def classify(response: httpx.Response, secret: str | None = None) -> None:
 
 
 class _Backoff(wait_base):
-    """Exponential backoff with jitter, unless the backend said when to come back."""
+    """Exponential backoff with jitter, or later if the backend said when to come back."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         # wait_exponential_jitter's ``initial`` is deprecated in newer tenacity and its
@@ -118,16 +114,23 @@ class _Backoff(wait_base):
         self._max = maximum
 
     def __call__(self, retry_state: RetryCallState) -> float:
+        jitter = random.uniform(0, self._jitter)  # noqa: S311  (spreads retries, not a secret)
+        wait = min(float(self._exp(retry_state)) + jitter, self._max)
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
         if isinstance(exc, RetryableDelivery) and exc.retry_after is not None:
-            return exc.retry_after
-        jitter = random.uniform(0, self._jitter)  # noqa: S311  (spreads retries, not a secret)
-        return min(float(self._exp(retry_state)) + jitter, self._max)
+            # Never sooner than the backoff: "Retry-After: 0" must not make a busy loop.
+            return max(exc.retry_after, wait)
+        return wait
 
 
-def build_client(config: Config) -> httpx.AsyncClient:
-    """One keep-alive client for the agent's lifetime; TLS verification always on."""
+def build_client(
+    config: Config, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """One keep-alive client for the agent's lifetime; TLS verification always on.
+
+    ``transport`` replaces the network (tests script the backend's answers with it).
+    """
     verify: ssl.SSLContext | bool = True
     if config.backend.ca_bundle is not None:
         verify = ssl.create_default_context(cafile=str(config.backend.ca_bundle))
@@ -136,9 +139,18 @@ def build_client(config: Config) -> httpx.AsyncClient:
         # followed. A context that still verifies but trusts no CA would fail closed, and
         # skips loading the CA bundle: ~20 ms of start-up and ~1 MB per agent (BENCHMARKS.md).
         verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    headers = {"Content-Type": "application/json", "User-Agent": f"adw-agent/{__version__}"}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"adw-agent/{__version__}",
+        # Answers are read raw and only in part (read_excerpt): ask for them uncompressed.
+        "Accept-Encoding": "identity",
+    }
     if config.token is not None:
-        headers["Authorization"] = f"Bearer {config.token.get_secret_value()}"
+        token = config.token.get_secret_value()
+        # Every token a client ever sends stays redacted, a reloaded one too: an answer to a
+        # request made with an old token may still arrive after a reload.
+        add_secret(token)
+        headers["Authorization"] = f"Bearer {token}"
     return httpx.AsyncClient(
         base_url=config.backend.url,
         headers=headers,
@@ -146,6 +158,7 @@ def build_client(config: Config) -> httpx.AsyncClient:
         timeout=httpx.Timeout(config.backend.timeout, connect=config.backend.connect_timeout),
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         trust_env=False,
+        transport=transport,
     )
 
 
@@ -160,8 +173,6 @@ class Sender:
         self._auth_warned = False
         self._storage_warned = False
         self.last_error: str | None = None
-        self.last_success: float | None = None
-        self.delivered = 0
 
     def wake(self) -> None:
         """New events were queued."""
@@ -173,27 +184,31 @@ class Sender:
         return old
 
     async def run(self) -> None:
+        """Deliver until cancelled. This is the sender's loop boundary: no error ends it. A
+        store that cannot be used, or anything unexpected, is logged and tried again after a
+        pause, with the event left queued."""
         while True:
+            event: Queued | None = None
             try:
                 event = self._store.head()
-            except StorageError as exc:
-                log.error("cannot read the outbox: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            if event is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
+                if event is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
                 await self._deliver(event)
                 self._storage_warned = False
             except StorageError as exc:
-                # The answer could not be recorded: the event stays queued and is sent again
-                # under the same event_id once the store is writable. Said once, not every try.
+                # The event stays queued and is sent again under the same event_id once the
+                # store works. Said once, not on every try.
                 if not self._storage_warned:
                     self._storage_warned = True
-                    log.error("cannot record a delivery result: %s", exc, extra=_fields(event))
-                await asyncio.sleep(_STORAGE_RETRY)
+                    extra = _fields(event) if event is not None else {}
+                    log.error("sender cannot use the store: %s", exc, extra=extra)
+                await asyncio.sleep(STORAGE_RETRY)
+            except Exception:
+                extra = _fields(event) if event is not None else {}
+                log.exception("unexpected error in the sender; trying again", extra=extra)
+                await asyncio.sleep(STORAGE_RETRY)
 
     async def send_direct(self, event_type: str, data: dict[str, Any]) -> bool:
         """POST one event that could not be queued because the store cannot be written.
@@ -202,17 +217,8 @@ class Sender:
         sequence, so it cannot reorder or be mistaken for a queued event. Returns whether the
         backend accepted it.
         """
-        event_id = str(uuid.uuid4())
-        envelope = {
-            "type": event_type,
-            "event_id": event_id,
-            "adw_id": self._store.adw_id,
-            "seq": 0,
-            "timestamp": utc_now(),
-            "source": "event",
-            "data": check_data(event_type, data),
-        }
-        event = Queued(0, event_id, event_type, time.time(), 0, orjson.dumps(envelope))
+        body = envelope(event_type, self._store.adw_id, 0, "event", check_data(event_type, data))
+        event = Queued(0, body["event_id"], event_type, time.time(), 0, orjson.dumps(body))
         try:
             await self._post(event)
         except DeliveryError as exc:
@@ -222,7 +228,7 @@ class Sender:
 
     def idle(self) -> bool:
         """Nothing left to send."""
-        return self._store.head() is None
+        return self._store.depth() == 0
 
     async def _deliver(self, event: Queued) -> None:
         retrying = AsyncRetrying(
@@ -248,16 +254,19 @@ class Sender:
         self._store.ack(event.seq)
         self._auth_warned = False
         self.last_error = None
-        self.last_success = time.time()
-        self.delivered += 1
 
     async def _post(self, event: Queued) -> None:
         path = self._config.backend.event_path.replace("{type}", event.type)
         started = time.perf_counter()
+        request = self._client.build_request(
+            "POST", path, content=event.body, headers={"Idempotency-Key": event.event_id}
+        )
         try:
-            response = await self._client.post(
-                path, content=event.body, headers={"Idempotency-Key": event.event_id}
-            )
+            response = await self._client.send(request, stream=True)
+            try:
+                body = await read_excerpt(response)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
             raise RetryableDelivery(f"timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
@@ -265,8 +274,8 @@ class Sender:
         except httpx.HTTPError as exc:
             # E.g. a body that cannot be decoded: the backend may answer properly next time.
             raise RetryableDelivery(f"request failed ({type(exc).__name__})") from None
-        token = self._config.token
-        classify(response, token.get_secret_value() if token is not None else None)
+        # The excerpt is kept and logged: a careless backend may echo the token back.
+        classify(response, redact(body))
         log.debug(
             "event delivered",
             extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),

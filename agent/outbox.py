@@ -13,21 +13,24 @@ every queued event counts as possibly sent, because the backend may hold it unde
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-from agent.errors import StorageError
-from agent.events import COALESCIBLE, Source, check_data
+from agent.errors import ConfigError, StorageError
+from agent.events import COALESCIBLE, Source, check_data, envelope
 
 DB_NAME = "agent.sqlite3"
+LOCK_NAME = "agent.lock"
+#: Seconds between attempts to use a store that could not be written (disk full, locked).
+STORAGE_RETRY = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -64,10 +67,6 @@ class Queued:
     created: float
     attempts: int
     body: bytes
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _storage_error(exc: sqlite3.Error) -> StorageError:
@@ -109,15 +108,7 @@ class Transaction:
         if event_type in COALESCIBLE:
             data = self._coalesce(event_type, data)
         seq = self._next_seq()
-        event = {
-            "type": event_type,
-            "event_id": str(uuid.uuid4()),
-            "adw_id": self._store.adw_id,
-            "seq": seq,
-            "timestamp": utc_now(),
-            "source": source,
-            "data": data,
-        }
+        event = envelope(event_type, self._store.adw_id, seq, source, data)
         self._db.execute(
             "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
             (seq, event["event_id"], event_type, time.time(), orjson.dumps(event)),
@@ -125,15 +116,14 @@ class Transaction:
         self.emitted.append(seq)
         return seq
 
+    def set_meta(self, key: str, value: Any) -> None:
+        """Set a meta value (JSON) as part of this transaction."""
+        _put_meta(self._db, key, value)
+
     def _next_seq(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
-        seq = (int(row[0]) if row else 0) + 1
+        seq = int(read_meta(self._db, "seq") or 0) + 1
         # Stored as JSON like every other meta value, so that read_meta() can show it.
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES ('seq', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (orjson.dumps(seq),),
-        )
+        _put_meta(self._db, "seq", seq)
         return seq
 
     def _coalesce(self, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +144,33 @@ class Transaction:
         return data
 
 
+def lock_storage(directory: Path) -> int:
+    """Claim ``storage.dir`` for this process; returns the descriptor holding the claim.
+
+    An exclusive ``flock`` on ``agent.lock``: a second agent on the same directory would keep
+    its own idea of what was sent and coalesce (delete) an event the first one is sending.
+    The kernel releases the lock when the process ends, however it ends. Read-only tools and
+    requeueing dead letters (which only inserts rows) do not take it.
+    """
+    path = directory / LOCK_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise ConfigError(
+                f"storage.dir: {directory} is in use by another running agent (it holds the "
+                f"lock on {path}); give each agent its own storage.dir"
+            ) from None
+        raise StorageError(f"cannot lock {path}: {exc.strerror}") from None
+    return fd
+
+
 class Store:
     """The SQLite database of one agent. Not thread-safe: use it from the event loop only."""
 
@@ -164,6 +181,9 @@ class Store:
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open the store at {self.path}: {exc}") from None
+        try:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self.db.execute("PRAGMA busy_timeout = 5000")
@@ -172,13 +192,17 @@ class Store:
             if owner is None:
                 self.set_meta("adw_id", adw_id)
             elif owner != adw_id:
-                raise StorageError(
-                    f"{directory} holds the state of ADW {owner!r}, not {adw_id!r}; "
-                    "give each agent its own storage.dir"
+                raise ConfigError(
+                    f"storage.dir: {directory} holds the state of ADW {owner!r}, not "
+                    f"{adw_id!r}; give each agent its own storage.dir"
                 )
             row = self.db.execute("SELECT MAX(seq) FROM outbox").fetchone()
         except (sqlite3.Error, OSError) as exc:
+            self.close()
             raise StorageError(f"cannot open the store at {self.path}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
         #: Events with seq <= sent_floor may have reached the backend: never alter them.
         self.sent_floor: int = int(row[0] or 0)
 
@@ -218,24 +242,32 @@ class Store:
         return read_meta(self.db, key)
 
     def set_meta(self, key: str, value: Any) -> None:
+        """Set a meta value (JSON) in a transaction of its own."""
         try:
-            self.db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, orjson.dumps(value)),
-            )
+            _put_meta(self.db, key, value)
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
 
     def head(self) -> Queued | None:
         """The oldest queued event, or None."""
-        row = self.db.execute(
-            "SELECT seq, event_id, type, created, attempts, body FROM outbox ORDER BY seq LIMIT 1"
-        ).fetchone()
+        try:
+            row = self.db.execute(
+                "SELECT seq, event_id, type, created, attempts, body FROM outbox "
+                "ORDER BY seq LIMIT 1"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
         if row is None:
             return None
         self.sent_floor = max(self.sent_floor, row[0])
         return Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
+
+    def depth(self) -> int:
+        """How many events are queued. Unlike :meth:`head`, this changes nothing."""
+        try:
+            return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
 
     def ack(self, seq: int) -> None:
         """The backend accepted the event: it leaves the outbox.
@@ -251,9 +283,9 @@ class Store:
             if relax:
                 self.db.execute("PRAGMA synchronous = NORMAL")
             try:
-                with self.transaction():
+                with self.transaction() as tx:
                     self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                    self.set_meta("last_delivery", {"at": time.time(), "result": "ok", "seq": seq})
+                    tx.set_meta("last_delivery", {"at": time.time(), "result": "ok", "seq": seq})
             finally:
                 if relax:
                     self.db.execute("PRAGMA synchronous = FULL")
@@ -262,16 +294,16 @@ class Store:
 
     def record_failure(self, seq: int, error: str) -> None:
         """Remember a failed attempt (for status); the event stays queued."""
-        with self.transaction():
+        with self.transaction() as tx:
             self.db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
                 (error, seq),
             )
-            self.set_meta("last_delivery", {"at": time.time(), "result": error, "seq": seq})
+            tx.set_meta("last_delivery", {"at": time.time(), "result": error, "seq": seq})
 
     def dead_letter(self, event: Queued, status: int | None, response: str) -> None:
         """Move a rejected event out of the outbox, keeping the backend's answer."""
-        with self.transaction():
+        with self.transaction() as tx:
             self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
             self.db.execute(
                 "INSERT OR REPLACE INTO dead_letters "
@@ -288,7 +320,7 @@ class Store:
                     event.body,
                 ),
             )
-            self.set_meta(
+            tx.set_meta(
                 "last_delivery",
                 {"at": time.time(), "result": f"dead-lettered ({status})", "seq": event.seq},
             )
@@ -296,20 +328,30 @@ class Store:
     def requeue(self, seq: int | None = None) -> int:
         """Put dead letters (one, or all with ``seq=None``) back in the outbox, in seq order.
 
-        They keep their event_id and seq, so the backend can still deduplicate them.
+        They keep their event_id and seq, so the backend can still deduplicate them; their
+        seq is lower than that of events queued since, so they go out before those. A dead
+        letter whose seq or event_id is already queued is a conflict: nothing is requeued
+        and nothing is deleted (:class:`StorageError`).
         """
         where, args = ("WHERE seq = ?", (seq,)) if seq is not None else ("", ())
         with self.transaction():
             rows = self.db.execute(
-                f"SELECT seq, event_id, type, created, body FROM dead_letters {where}",  # noqa: S608
+                f"SELECT seq, event_id, type, created, body FROM dead_letters {where} "  # noqa: S608
+                "ORDER BY seq",
                 args,
             ).fetchall()
             for row in rows:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO outbox (seq, event_id, type, created, body) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    row,
-                )
+                try:
+                    self.db.execute(
+                        "INSERT INTO outbox (seq, event_id, type, created, body) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        row,
+                    )
+                except sqlite3.IntegrityError:
+                    raise StorageError(
+                        f"dead letter seq {row[0]} (event_id {row[1]}) is already in the "
+                        "outbox; nothing was requeued"
+                    ) from None
                 self.db.execute("DELETE FROM dead_letters WHERE seq = ?", (row[0],))
         return len(rows)
 
@@ -339,7 +381,16 @@ def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
+def _put_meta(db: sqlite3.Connection, key: str, value: Any) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, orjson.dumps(value)),
+    )
+
+
 def read_meta(db: sqlite3.Connection, key: str) -> Any:
+    """A meta value, or None."""
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     if row is None:
         return None

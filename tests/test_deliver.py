@@ -11,11 +11,12 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import orjson
@@ -29,6 +30,7 @@ from agent.deliver import (
     _Backoff,
     build_client,
     classify,
+    read_excerpt,
     retry_after_seconds,
 )
 from agent.errors import PermanentDelivery, RetryableDelivery
@@ -45,15 +47,19 @@ def response(status: int, **headers: str) -> httpx.Response:
     return httpx.Response(status, headers=headers, text=f"answer {status}")
 
 
+def check(answer: httpx.Response) -> None:
+    classify(answer, answer.text)
+
+
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
 def test_2xx_is_success(status: int) -> None:
-    classify(response(status))
+    check(response(status))
 
 
 @pytest.mark.parametrize("status", [401, 403, 408, 425, 429, 500, 502, 503, 504, 599])
 def test_retryable_statuses(status: int) -> None:
     with pytest.raises(RetryableDelivery) as info:
-        classify(response(status))
+        check(response(status))
     assert info.value.status == status
     assert info.value.body == f"answer {status}"
 
@@ -61,21 +67,62 @@ def test_retryable_statuses(status: int) -> None:
 @pytest.mark.parametrize("status", [400, 404, 405, 409, 410, 413, 415, 422, 451])
 def test_other_4xx_are_permanent(status: int) -> None:
     with pytest.raises(PermanentDelivery) as info:
-        classify(response(status))
+        check(response(status))
     assert info.value.status == status
     assert not isinstance(info.value, RetryableDelivery)
 
 
 def test_retryable_carries_retry_after() -> None:
     with pytest.raises(RetryableDelivery) as info:
-        classify(response(503, **{"Retry-After": "7"}))
+        check(response(503, **{"Retry-After": "7"}))
     assert info.value.retry_after == 7.0
 
 
-def test_response_body_is_bounded() -> None:
-    with pytest.raises(PermanentDelivery) as info:
-        classify(httpx.Response(400, text="x" * 100_000))
-    assert len(info.value.body) == 2000
+class Endless:
+    """A response body that never ends by itself; counts the chunks anyone pulled from it."""
+
+    def __init__(self, chunk: bytes = b"x" * 1000, chunks: int = 100_000) -> None:
+        self.chunk = chunk
+        self.chunks = chunks
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.chunks):
+            self.pulled += 1
+            yield self.chunk
+
+
+def test_only_an_excerpt_of_the_body_is_read() -> None:
+    body = Endless()  # 100 MB, if anyone read it all
+
+    async def read() -> str:
+        answer = httpx.Response(400, content=body)
+        try:
+            return await read_excerpt(answer)
+        finally:
+            await answer.aclose()
+
+    excerpt = asyncio.run(read())
+    assert excerpt == "x" * 2000
+    assert body.pulled == 3  # one read past the excerpt, not the 100 000 the backend offers
+
+
+def test_a_short_body_is_read_to_its_end() -> None:
+    async def read() -> str:
+        answer = httpx.Response(400, content=Endless(b"ab", 3))
+        return await read_excerpt(answer)
+
+    assert asyncio.run(read()) == "ababab"
+
+
+def test_a_hostile_body_is_not_read_by_the_sender(config: Config, store: Store) -> None:
+    emit(store, "a")
+    body = Endless()
+    rec = Recorder(lambda n, e: httpx.Response(400, content=body))
+    run(config, store, rec, empty(store))
+    [dead] = dead_letter_rows(store.db)
+    assert dead["response"] == "x" * 2000
+    assert body.pulled <= 3
 
 
 # -- Retry-After ------------------------------------------------------------------------------
@@ -145,6 +192,15 @@ def test_backoff_follows_retry_after() -> None:
     assert backoff_wait(backoff, 1, hint) == 12.0
 
 
+@pytest.mark.parametrize("hint", [0.0, 0.1])
+def test_retry_after_never_shortens_the_backoff(hint: float) -> None:
+    # "Retry-After: 0" on every answer would otherwise retry (and record a failure) at once.
+    backoff = _Backoff(0.2, 5.0)
+    error = RetryableDelivery("backend answered 503", 503, retry_after=hint)
+    for attempt, base in [(1, 0.2), (3, 0.8), (30, 5.0)]:
+        assert all(backoff_wait(backoff, attempt, error) >= base for _ in range(20))
+
+
 # -- the Sender -------------------------------------------------------------------------------
 
 
@@ -202,8 +258,7 @@ def run(config: Config, store: Store, handler: Handler, until: Callable[[], bool
 async def run_sender(
     config: Config, store: Store, handler: Handler, until: Callable[[], bool]
 ) -> Sender:
-    client = build_client(config)
-    client._transport = httpx.MockTransport(handler)  # the edge: no network
+    client = build_client(config, transport=httpx.MockTransport(handler))  # no network
     sender = Sender(config, store, client)
     task = asyncio.create_task(sender.run())
     sender.wake()
@@ -219,7 +274,8 @@ async def run_sender(
 
 
 def empty(store: Store) -> Callable[[], bool]:
-    return lambda: store.head() is None
+    """Whether the outbox is empty, asked without touching what the sender may coalesce."""
+    return lambda: store.depth() == 0
 
 
 def test_posts_each_event_with_its_headers_in_seq_order(config: Config, store: Store) -> None:
@@ -235,9 +291,8 @@ def test_posts_each_event_with_its_headers_in_seq_order(config: Config, store: S
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
         assert request.headers["idempotency-key"] == event["event_id"]
         assert request.headers["user-agent"].startswith("adw-agent/")
-    assert sender.delivered == 3
     assert sender.last_error is None
-    assert sender.last_success is not None
+    assert store.meta("last_delivery")["result"] == "ok"
 
 
 def test_no_authorization_header_without_a_token(config: Config, store: Store) -> None:
@@ -275,14 +330,14 @@ def test_permanent_rejection_dead_letters_and_the_next_event_flows(
         lambda n, e: httpx.Response(400 if e["data"]["reason"] == "bad" else 200, text="nope")
     )
     with caplog.at_level(logging.INFO, "adw_agent"):
-        sender = run(config, store, rec, empty(store))
+        run(config, store, rec, empty(store))
     assert [e["data"]["reason"] for _, _, e in rec.requests] == ["bad", "good"]
     [dead] = dead_letter_rows(store.db)
     assert (dead["seq"], dead["status"], dead["response"]) == (1, 400, "nope")
     dead_logs = [r for r in caplog.records if r.getMessage().startswith("event dead-lettered")]
     assert len(dead_logs) == 1
     assert dead_logs[0].levelno == logging.ERROR
-    assert sender.delivered == 1
+    assert store.meta("last_delivery") == {"at": ANY, "result": "ok", "seq": 2}
 
 
 def test_refused_credentials_are_retried_and_warned_about_once(
@@ -317,9 +372,9 @@ def test_request_errors_are_retried(config: Config, store: Store, error: Excepti
             raise error
         return httpx.Response(200)
 
-    sender = run(config, store, handler, empty(store))
+    run(config, store, handler, empty(store))
     assert len(calls) == 2
-    assert sender.delivered == 1
+    assert store.meta("last_delivery")["result"] == "ok"
 
 
 def test_failed_attempts_are_recorded_for_status(config: Config, store: Store) -> None:
@@ -357,3 +412,47 @@ def test_a_locked_store_does_not_stop_the_sender(config: Config, store: Store) -
     # The first event was sent again under the same id once the store was writable.
     assert ids[0] == ids[1]
     assert [e["data"]["reason"] for _, _, e in rec.requests][-2:] == ["a", "b"]
+
+
+def test_an_unexpected_error_does_not_end_the_sender(
+    config: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    emit(store, "a")
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise RuntimeError("a bug below the sender")
+        return httpx.Response(200)
+
+    with caplog.at_level(logging.ERROR, "adw_agent"):
+        run(config, store, handler, empty(store))
+    assert len(calls) == 2
+    assert calls[0].headers["idempotency-key"] == calls[1].headers["idempotency-key"]
+    [error] = [r for r in caplog.records if "unexpected error in the sender" in r.getMessage()]
+    assert error.exc_info is not None
+    assert error.__dict__["seq"] == 1
+
+
+def test_an_unreadable_outbox_does_not_end_the_sender(
+    config: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    emit(store, "a")
+    store.db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every read of it now fails
+    rec = Recorder(lambda n, e: httpx.Response(200))
+    errors = lambda: [r for r in caplog.records if "cannot use the store" in r.getMessage()]  # noqa: E731
+
+    healed = False
+
+    def heal() -> bool:  # once the sender has said so, the outbox comes back
+        nonlocal healed
+        if not healed and errors():
+            store.db.execute("ALTER TABLE outbox_away RENAME TO outbox")
+            healed = True
+        return healed and store.depth() == 0
+
+    with caplog.at_level(logging.ERROR, "adw_agent"):
+        run(config, store, rec, heal)
+    assert len(errors()) == 1
+    assert [e["data"]["reason"] for _, _, e in rec.requests] == ["a"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import StorageError
+from agent.errors import ConfigError, StorageError
 from agent.events import COALESCIBLE
-from agent.outbox import Queued, Store, dead_letter_rows, outbox_stats, read_meta
+from agent.outbox import (
+    LOCK_NAME,
+    Queued,
+    Store,
+    dead_letter_rows,
+    lock_storage,
+    outbox_stats,
+    read_meta,
+)
 
 ADW = "55b761f6"
 
@@ -123,8 +132,24 @@ def test_seq_counter_is_readable_by_status_tools(store: Store) -> None:
 
 def test_a_store_belongs_to_one_adw(tmp_path: Path) -> None:
     Store(tmp_path, ADW, "normal").close()
-    with pytest.raises(StorageError, match="holds the state of ADW '55b761f6', not 'other'"):
+    # A configuration mistake (exit 78), not a storage failure: it names the key.
+    with pytest.raises(
+        ConfigError, match=f"storage.dir: {tmp_path} holds the state of ADW '55b761f6', not 'other'"
+    ):
         Store(tmp_path, "other", "normal")
+
+
+def test_one_agent_at_a_time_holds_the_storage_dir(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    fd = lock_storage(storage)
+    try:
+        with pytest.raises(ConfigError) as info:
+            lock_storage(storage)
+        assert str(info.value).startswith(f"storage.dir: {storage} is in use by another")
+        assert str(storage / LOCK_NAME) in str(info.value)
+    finally:
+        os.close(fd)
+    os.close(lock_storage(storage))  # released with its descriptor (or its process)
 
 
 def test_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
@@ -256,6 +281,22 @@ def test_dead_letter_and_requeue_keep_id_and_seq(store: Store) -> None:
     assert store.requeue(99) == 0
 
 
+def test_a_requeue_conflict_fails_loudly_and_keeps_the_dead_letter(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    first = store.head()
+    assert first is not None
+    store.dead_letter(first, 400, "no")
+    # The same event queued again meanwhile (an older copy of the store restored, say).
+    store.db.execute(
+        "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
+        (first.seq, first.event_id, first.type, first.created, first.body),
+    )
+    with pytest.raises(StorageError, match=r"dead letter seq 1 .* is already in the outbox"):
+        store.requeue()
+    assert [r["seq"] for r in dead_letter_rows(store.db)] == [1]
+    assert [e["seq"] for e in queued(store)] == [1]
+
+
 def test_requeue_one_by_seq(store: Store) -> None:
     for reason in "abc":
         emit(store, "workflow_failed", failed(reason))
@@ -308,6 +349,40 @@ def test_sqlite_errors_become_storage_errors(store: Store) -> None:
     with pytest.raises(StorageError, match="storage write failed"), store.transaction() as tx:
         tx._db.execute("INSERT INTO nowhere VALUES (1)")
     assert queued(store) == []
+
+
+def test_an_unreadable_outbox_is_a_storage_error(store: Store) -> None:
+    store.db.execute("DROP TABLE outbox")
+    with pytest.raises(StorageError, match="cannot read the outbox"):
+        store.head()
+    with pytest.raises(StorageError, match="cannot read the outbox"):
+        store.depth()
+
+
+def test_meta_written_in_a_transaction_commits_or_rolls_back_with_it(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.emit("workflow_failed", failed("a"))
+        tx.set_meta("heartbeat", {"state": "running"})
+    assert store.meta("heartbeat") == {"state": "running"}
+
+    def failing_batch() -> None:
+        with store.transaction() as tx:
+            tx.set_meta("heartbeat", {"state": "stopping"})
+            raise RuntimeError("the batch fails after the meta write")
+
+    with pytest.raises(RuntimeError):
+        failing_batch()
+    assert store.meta("heartbeat") == {"state": "running"}
+
+
+def test_depth_changes_nothing(store: Store) -> None:
+    emit(store, "agent_status", status("starting"))
+    assert store.depth() == 1
+    emit(store, "agent_status", status("running"))  # still unsent: coalesced
+    assert store.depth() == 1
+    assert store.head() is not None
+    emit(store, "agent_status", status("running"))  # picked up by the sender: kept
+    assert store.depth() == 2
 
 
 def test_file_state_round_trips(store: Store) -> None:
