@@ -33,10 +33,6 @@ class Notifier:
         self.watchdog_interval: float | None = int(usec) / 2e6 if watchdog else None
         self._sock: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def send(self, *lines: str) -> None:
         """Best effort: a notify failure must never take the agent down."""
         if self._address is None:
