@@ -83,12 +83,6 @@ def _reading(directory: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _seq(db: sqlite3.Connection) -> int:
-    # The outbox keeps its counter as a plain integer, not as JSON like the other meta keys.
-    row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
-    return int(row[0]) if row else 0
-
-
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
     prices = PriceTable.from_config(config.cost)
@@ -114,7 +108,7 @@ def status_report(config: Config) -> dict[str, Any]:
             "adw_id": config.adw_id,
             "store": str(config.storage.dir),
             **stats,
-            "seq": _seq(db),
+            "seq": read_meta(db, "seq") or 0,
             "last_delivery": read_meta(db, "last_delivery"),
             "heartbeat": read_meta(db, "heartbeat"),
             "dead_letter_list": dead_letter_rows(db),
