@@ -41,6 +41,8 @@ ENV_PREFIX = "ADW_AGENT_"
 TOKEN_ENV = "ADW_AGENT_TOKEN"  # noqa: S105  (a variable name, not a secret)
 CREDENTIAL_NAME = "adw-token"
 
+#: How changes are noticed: inotify with a fallback to polling, inotify only, or polling only.
+WatchMode = Literal["auto", "inotify", "poll"]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
@@ -124,7 +126,7 @@ class StorageSection(_Section):
 class WatchSection(_Section):
     """How changes are noticed."""
 
-    mode: Literal["auto", "inotify", "poll"] = "auto"
+    mode: WatchMode = "auto"
     debounce_ms: Annotated[int, Field(ge=0, le=10_000)] = 5
     poll_interval: PositiveFloat = 1.0
     rescan_interval: PositiveFloat = 30.0

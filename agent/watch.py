@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+from agent.config import WatchMode
 
 log = logging.getLogger("adw_agent.watch")
 
@@ -41,8 +44,6 @@ _EVENTS = [
     DirMovedEvent,
 ]
 _EXHAUSTED = {errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-
-WatchMode = Literal["auto", "inotify", "poll"]
 
 
 class _Handler(FileSystemEventHandler):
@@ -64,6 +65,14 @@ class _Handler(FileSystemEventHandler):
 
 def _text(path: str | bytes) -> str:
     return path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+
+
+def _polling_observer(interval: float) -> BaseObserver:
+    """A poller that never follows a symbolic link: ``lstat`` and ``scandir`` see the link
+    itself. Following them, ``a -> .`` and ``b -> .`` make a snapshot that never ends, and a
+    link to ``/`` walks the whole filesystem on every poll. The agent reads no file through
+    a link anyway."""
+    return PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
 
 
 def _inotify_observer() -> BaseObserver:
@@ -113,7 +122,7 @@ class Watcher:
                     self.poll_interval,
                     extra={"path": str(self.root)},
                 )
-        self._start(PollingObserver(timeout=self.poll_interval), "poll")
+        self._start(_polling_observer(self.poll_interval), "poll")
 
     def _start(self, observer: BaseObserver, kind: Literal["inotify", "poll"]) -> None:
         observer.schedule(
@@ -140,8 +149,13 @@ class Watcher:
         emitters = list(observer.emitters)
         return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop watching; wait at most ``timeout`` for the observer's thread to end.
+
+        Blocking: watchdog joins its emitter threads, without a time limit. Call it from a
+        thread other than the event loop's (see ``Agent._stop_watcher``).
+        """
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
-            observer.join(timeout=2.0)
+            observer.join(timeout=timeout)

@@ -101,6 +101,39 @@ def test_polling_notices_a_write(tmp_path: Path, seen: Seen, watch: Make) -> Non
     seen.wait(state)
 
 
+def test_polling_does_not_follow_symbolic_links(tmp_path: Path, seen: Seen) -> None:
+    run_dir = tmp_path / "run"
+    outside = tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    # Followed, the two loops make a snapshot that never ends (2^40 paths before ELOOP), and
+    # the link to / is a walk of the whole filesystem on every poll.
+    (run_dir / "loop").symlink_to(".")
+    (run_dir / "loop2").symlink_to(".")
+    (run_dir / "root").symlink_to("/")
+    (run_dir / "elsewhere").symlink_to(outside)
+    watcher = Watcher(run_dir, "poll", 0.05, seen)
+    # watchdog takes the first snapshot in start(), on the caller's thread: run it on another
+    # one so that an endless snapshot fails the test instead of hanging it.
+    starter = threading.Thread(target=watcher.start, daemon=True)
+    starter.start()
+    starter.join(10)
+    assert not starter.is_alive(), "the first snapshot never finished"
+    try:
+        (outside / "raw_output.jsonl").write_text("{}\n")
+        state = run_dir / "adw_state.json"
+        state.write_text("{}")
+        seen.wait(state)
+        assert watcher.alive()
+    finally:
+        # Off this thread: a poller stuck in an endless snapshot could never be joined.
+        stopper = threading.Thread(target=watcher.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+    links = [str(run_dir / name) + "/" for name in ("loop", "loop2", "root", "elsewhere")]
+    assert [p for p in seen.paths if p.startswith(tuple(links))] == []
+
+
 def no_watches_left(*args: object, **kwargs: object) -> None:
     raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
