@@ -75,7 +75,7 @@ def test_token_over_plain_http_to_another_host_is_a_config_error(
     assert TOKEN not in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("token", ["tök-SECRET-1", "SECRET-2\n-tail", "SECRET 3", "SECRET\"4"])
+@pytest.mark.parametrize("token", ["tök-SECRET-1", "SECRET-2\n-tail", "SECRET 3", 'SECRET"4'])
 def test_a_token_that_cannot_be_a_header_is_a_config_error(tmp_path: Path, token: str) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
