@@ -5,20 +5,30 @@ slip between the two), queues the snapshot and starts the sender. The main loop 
 changes, debounces them, hands them to the pipeline, and runs the periodic work: heartbeat,
 reconciliation rescan, optional resync, parse retries, systemd watchdog pings. Signal handlers
 only set flags. Shutdown is ordered and bounded: stop watching, read what is pending, queue a
-last status, drain the outbox for at most ``delivery.drain_timeout``, close.
+last status, drain the outbox, close; everything up to the end of the drain happens within
+``delivery.drain_timeout`` of the stop request being seen, except that the last batch of pending
+changes is never cut short (see :meth:`Agent.shutdown`).
+
+The agent holds an exclusive lock on ``storage.dir`` for its lifetime (see
+:func:`agent.outbox.lock_storage`). Exit codes: 0 after a clean stop, 78 for a configuration
+error (a second agent on the same ``storage.dir`` is one), 1 when startup fails otherwise or the
+sender task ends by itself: that is a bug, and exiting lets the service manager restart the agent
+instead of leaving it up without delivering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -28,14 +38,15 @@ from agent.config import Config
 from agent.deliver import Sender, build_client
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.notify import Notifier
-from agent.outbox import Store
+from agent.outbox import STORAGE_RETRY, Store, lock_storage
 from agent.pipeline import Outcome, Pipeline
 from agent.watch import Watcher
 
 log = logging.getLogger("adw_agent.app")
 
-_STORAGE_RETRY = 1.0
 _MISSING_DIR_POLL = 1.0
+# The longest the agent waits for a stopped watcher's threads to end.
+_WATCHER_STOP = 2.0
 # How often an idle sender looks for rows it was not told about: dead letters requeued by
 # ``adw-agent dead-letters`` from another process. One indexed SELECT, so idle cost stays nil.
 _OUTBOX_POLL = 1.0
@@ -55,6 +66,15 @@ class _Timers:
     watchdog: float = 0.0
     outbox: float = 0.0
     retries: dict[str, _Retry] = field(default_factory=dict)
+
+
+_T = TypeVar("_T")
+
+
+def _started(part: _T | None) -> _T:
+    if part is None:
+        raise RuntimeError("the agent has not started")
+    return part
 
 
 class Agent:
@@ -90,6 +110,35 @@ class Agent:
         # Clients replaced by a reload, closed once a request in flight on them has ended.
         self._retired: list[tuple[httpx.AsyncClient, asyncio.Task[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit_code = 0
+        # Made by startup, in this order; whatever exists is closed by _close.
+        self._lock: int | None = None
+        self._store: Store | None = None
+        self._pipeline: Pipeline | None = None
+        self.client: httpx.AsyncClient | None = None
+        self._sender: Sender | None = None
+        self._watcher: Watcher | None = None
+        self.sender_task: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> Store:
+        """The agent's store (from startup on)."""
+        return _started(self._store)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The agent's pipeline (from startup on)."""
+        return _started(self._pipeline)
+
+    @property
+    def sender(self) -> Sender:
+        """The agent's sender (from startup on)."""
+        return _started(self._sender)
+
+    @property
+    def watcher(self) -> Watcher:
+        """The agent's current watcher (from startup on; a reload may replace it)."""
+        return _started(self._watcher)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -98,33 +147,38 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
         if self._early_signals:
-            self.should_exit.set()
+            self._stop()
         try:
             await self.startup()
         except AgentError as exc:
             log.error("startup failed: %s", exc)
             await self._close()
             return 78 if isinstance(exc, ConfigError) else 1
+        except Exception:
+            log.exception("startup failed")
+            await self._close()
+            return 1
         try:
             await self.main_loop()
         finally:
             await self.shutdown()
-        return 0
+        return self._exit_code
 
     async def startup(self) -> None:
         cfg = self.config
-        self.store = Store(cfg.storage.dir, cfg.adw_id, cfg.storage.synchronous)
-        self.pipeline = Pipeline(cfg, self.store)
+        # Before the store is opened: a second agent must not touch it at all.
+        self._lock = lock_storage(cfg.storage.dir)
+        self._store = Store(cfg.storage.dir, cfg.adw_id, cfg.storage.synchronous)
+        self._pipeline = Pipeline(cfg, self._store)
         self.client = build_client(cfg)
-        self.sender = Sender(cfg, self.store, self.client)
-        self.watcher = Watcher(
-            cfg.adw.dir, cfg.watch.mode, cfg.watch.poll_interval, self._notice, self._notice_closed
-        )
+        self._sender = Sender(cfg, self._store, self.client)
+        self._watcher = self._new_watcher(cfg)
         self._start_watcher()
         self._status("starting")
         # A full disk must not stop the agent from starting: the snapshot waits for the store.
         self._sync()
         self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
+        self.sender_task.add_done_callback(self._sender_ended)
         self.sender.wake()
         now = time.monotonic()
         self._timers.heartbeat = now + cfg.intervals.heartbeat
@@ -157,22 +211,31 @@ class Agent:
                 await asyncio.sleep(0.1)
 
     async def shutdown(self) -> None:
-        log.info("shutting down", extra={"drain_timeout": self.config.delivery.drain_timeout})
+        """Stop watching, record what is pending, queue a last status, drain, close.
+
+        Bounded: the drain ends ``delivery.drain_timeout`` after shutdown starts, and the steps
+        before it (stopping the watcher, at most 2 s) count against that time. Only the last
+        batch of pending changes may run past it, as it is never cut short (milliseconds; a
+        store another process holds locked makes it wait up to SQLite's 5 s busy timeout).
+        After the drain come cancelling the request in flight and closing the connection and
+        the store, which take milliseconds.
+        """
+        drain = self.config.delivery.drain_timeout
+        deadline = time.monotonic() + drain
+        log.info("shutting down", extra={"drain_timeout": drain})
         self.notifier.send("STOPPING=1", "STATUS=stopping")
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            watcher.stop()
-        if hasattr(self, "pipeline"):
+        if self._watcher is not None:
+            await self._stop_watcher(self._watcher, deadline)
+        if self._pipeline is not None:
             try:
                 if self._pending:
                     self._process(self._take_pending())
                 self._status("stopping")
             except AgentError as exc:
                 log.error("could not record the last changes: %s", exc)
-        task = getattr(self, "sender_task", None)
+        task = self.sender_task
         if task is not None:
             self.sender.wake()
-            deadline = time.monotonic() + self.config.delivery.drain_timeout
             while not task.done() and time.monotonic() < deadline and not self._drained():
                 await asyncio.sleep(0.02)
             if self._direct is not None and not self._direct.done():
@@ -180,31 +243,52 @@ class Agent:
                 await asyncio.wait({self._direct}, timeout=max(0.0, deadline - time.monotonic()))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            left = self.store.stats()["outbox_depth"]
+            try:
+                left = self.store.depth()
+            except StorageError as exc:
+                log.error("cannot tell what is left undelivered: %s", exc)
+                left = 0
             if left:
                 log.warning("stopped with %d events undelivered; they are sent on next start", left)
         await self._close()
 
     async def _close(self) -> None:
+        """Release whatever startup made, also after a startup that failed half way."""
         if self._direct is not None:
             self._direct.cancel()
             await asyncio.gather(self._direct, return_exceptions=True)
-        client = getattr(self, "client", None)
-        if client is not None:
-            await client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
         for old, closer in self._retired:
             closer.cancel()
             await old.aclose()
         self._retired.clear()
-        store = getattr(self, "store", None)
-        if store is not None:
-            store.close()
+        if self._store is not None:
+            self._store.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases storage.dir for the next agent
+            self._lock = None
         self.notifier.close()
+
+    def _sender_ended(self, task: asyncio.Task[None]) -> None:
+        """The sender only ends when shutdown cancels it. Ending by itself is a bug: rather
+        than stay up without delivering (heartbeats would still be written, so the
+        healthcheck would stay green), the agent stops and exits with 1, and systemd
+        (``Restart=on-failure``) or the container runtime starts it again."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error(
+            "the sender stopped unexpectedly; stopping the agent (exit code 1) to be restarted",
+            exc_info=exc,
+        )
+        self._exit_code = 1
+        self._stop()
 
     def _drained(self) -> bool:
         try:
             return self.sender.idle()
-        except Exception:
+        except StorageError:
             return False
 
     # -- signals and reload -----------------------------------------------------------------
@@ -212,8 +296,12 @@ class Agent:
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.should_exit.set)
+            loop.add_signal_handler(sig, self._stop)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+
+    def _stop(self) -> None:
+        self.should_exit.set()
+        self._noted.set()  # a debounce in progress ends at once
 
     def _request_reload(self) -> None:
         self._reload = True
@@ -221,25 +309,23 @@ class Agent:
 
     async def _apply_reload(self) -> None:
         """Re-read the config file (SIGHUP). Queued events stay queued; a config that fails
-        validation is logged and the running one kept."""
+        validation is logged and the running one kept, entirely."""
         self._reload = False
         source = self.config.source
         if source is None:
             return
         self.notifier.reloading()
         try:
-            self._reconfigure(config_module.load(source))
+            await self._reconfigure(config_module.load(source))
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-        except (OSError, ssl.SSLError) as exc:
-            log.error(
-                "reload failed, keeping the running configuration: %s: backend.ca_bundle: %s",
-                source,
-                exc,
-            )
-        self.notifier.send("READY=1", self._status_line())
+        finally:
+            # Whatever happened, systemd must not be left thinking the agent is reloading.
+            self.notifier.send("READY=1", self._status_line())
 
-    def _reconfigure(self, new: Config) -> None:
+    async def _reconfigure(self, new: Config) -> None:
+        """Everything that can fail is built and checked first, while the running
+        configuration is untouched; only then is it swapped in."""
         old = self.config
         fixed = {"adw": old.adw, "storage": old.storage, "cost": old.cost}
         if any(getattr(new, name) != value for name, value in fixed.items()) or (
@@ -250,12 +336,34 @@ class Agent:
             )
             fixed["watch"] = new.watch.model_copy(update={"mode": old.watch.mode})
             new = new.model_copy(update=fixed)
-        client = build_client(new)
+        try:
+            client = build_client(new)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{new.source}: backend.ca_bundle: {exc}") from None
+        watcher: Watcher | None = None
+        running = self.watcher.alive()
+        ino = self._dir_ino
+        if new.watch.poll_interval != old.watch.poll_interval:
+            # The poll interval is fixed when an observer starts: a new one replaces it.
+            watcher = self._new_watcher(new)
+            if running:
+                try:
+                    ino = os.stat(new.adw.dir).st_ino
+                    watcher.start()
+                except OSError as exc:
+                    await client.aclose()
+                    raise ConfigError(self._watch_failure(new, exc)) from None
+        # Commit: nothing below can fail.
         self._retire(self.sender.replace_client(new, client), old)
         self.client = client
         self.config = new
         self.pipeline.config = new
         self._reschedule(old, new)
+        if watcher is not None:
+            previous, self._watcher, self._dir_ino = self.watcher, watcher, ino
+            await self._stop_watcher(previous, time.monotonic() + _WATCHER_STOP)
+            if running:
+                self._process({"rescan"})  # what changed between the two watchers
         if new.log.level != old.log.level:
             logging.getLogger("adw_agent").setLevel(new.log.level.upper())
         # A new backend or token deserves a fresh attempt; anything queued goes there.
@@ -272,21 +380,6 @@ class Agent:
             t.rescan = now + new.watch.rescan_interval
         if new.intervals.resync != old.intervals.resync:
             t.resync = now + new.intervals.resync if new.intervals.resync else float("inf")
-        if new.watch.poll_interval != old.watch.poll_interval:
-            # The poll interval is fixed when an observer starts: start a new one, and rescan
-            # so that nothing changed in between is missed.
-            running = self.watcher.alive()
-            self.watcher.stop()
-            self.watcher = Watcher(
-                new.adw.dir,
-                new.watch.mode,
-                new.watch.poll_interval,
-                self._notice,
-                self._notice_closed,
-            )
-            if running:
-                self._start_watcher()
-                self._process({"rescan"})
 
     def _retire(self, client: httpx.AsyncClient, old: Config) -> None:
         """Close a replaced client once a request still in flight on it must have ended, so
@@ -302,17 +395,12 @@ class Agent:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def _notice(self, path: str) -> None:
-        """Called on watchdog's thread for every relevant filesystem event."""
+    def _notice(self, path: str, closed: bool = False) -> None:
+        """Called on watchdog's thread for every relevant filesystem event; ``closed`` when
+        the writer of the file has just closed it."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._note, path)
-
-    def _notice_closed(self, path: str) -> None:
-        """Like :meth:`_notice`, for a file its writer has just closed."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._note, path, True)
+            loop.call_soon_threadsafe(self._note, path, closed)
 
     def _note(self, path: str, closed: bool = False) -> None:
         key = self.pipeline.classify(path)
@@ -330,7 +418,7 @@ class Agent:
     def _next_deadline(self) -> float:
         t = self._timers
         deadlines = [t.heartbeat, t.rescan, t.resync, t.outbox]
-        deadlines += [r.due for r in t.retries.values()]
+        deadlines += [self._retry_at(key) for key in t.retries]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(t.watchdog)
         return min(deadlines)
@@ -356,7 +444,7 @@ class Agent:
         if window <= 0:
             return
         give_up = time.monotonic() + window * 20
-        while not self._pending <= self._closed:
+        while not self._pending <= self._closed and not self.should_exit.is_set():
             quiet_at = self._last_change + window
             now = time.monotonic()
             if now >= quiet_at or now >= give_up:
@@ -374,6 +462,10 @@ class Agent:
     async def _tick(self) -> None:
         if self._reload:
             await self._apply_reload()
+        storage = self._timers.retries.get("storage")
+        if storage is not None and storage.due <= time.monotonic():
+            # Pending changes are the first write that tries it; else a status, below.
+            log.debug("trying the store again")
         if self._pending:
             await self._debounce()
             self._process(self._take_pending())
@@ -381,19 +473,18 @@ class Agent:
             self._changed.clear()
         now = time.monotonic()
         t = self._timers
-        due = {k for k, r in t.retries.items() if r.due <= now}
+        due = {key for key in t.retries if self._retry_at(key) <= now}
         if "storage" in due:
             # Only a real write proves the store is back: try to queue a status.
             due.discard("storage")
-            if self._status("running", direct=False):
-                self._storage_ok()
+            self._status("running", direct=False)
         if due:
             self._process(due)
         # A watcher that stopped by itself (its directory was deleted) is healed at once,
         # not at the next rescan.
         if now >= t.rescan or not (self._watch_paused or self.watcher.alive()):
             t.rescan = now + self.config.watch.rescan_interval
-            self._reconcile()
+            await self._reconcile()
         if now >= t.resync:
             t.resync = now + self.config.intervals.resync
             self._sync()
@@ -406,16 +497,23 @@ class Agent:
         if self.notifier.watchdog_interval is not None and now >= t.watchdog:
             t.watchdog = now + self.notifier.watchdog_interval
             watching = self._watch_paused or self.watcher.alive()
-            if watching and not self.sender_task.done():
+            if watching and self.sender_task is not None and not self.sender_task.done():
                 self.notifier.send("WATCHDOG=1", self._status_line())
             else:
                 log.error("watcher or sender is not running; withholding the watchdog ping")
 
     def _process(self, keys: set[str]) -> None:
+        if self._storage_blocked():
+            # It would fail again at once: read these when the store is tried next.
+            self._pending |= keys
+            return
         before = self.store.db.total_changes
         try:
             outcome = self.pipeline.process(keys)
         except StorageError as exc:
+            log.debug(
+                "batch not recorded: the store cannot be written", extra={"keys": sorted(keys)}
+            )
             self._storage_failed(exc, keys)
             return
         self._handle(keys, outcome, self.store.db.total_changes > before)
@@ -437,7 +535,9 @@ class Agent:
             self._storage_ok()
         retries = self._timers.retries
         now = time.monotonic()
-        for key in keys:
+        # A rescan (or a new agent directory) stands for the files it read: those that read
+        # fine need no retry any more.
+        for key in self.pipeline.expand(keys):
             if key not in outcome.retry:
                 retries.pop(key, None)
         for key in outcome.retry:
@@ -468,9 +568,24 @@ class Agent:
             )
             self._send_status_directly(state)
         self._pending |= keys
-        retry = self._timers.retries.setdefault("storage", _Retry(0.0))
-        retry.due = time.monotonic() + _STORAGE_RETRY
-        retry.attempts = 0
+        # The store is tried again once a second, however many writes fail meanwhile.
+        now = time.monotonic()
+        retry = self._timers.retries.get("storage")
+        if retry is None or retry.due <= now:
+            self._timers.retries["storage"] = _Retry(now + STORAGE_RETRY)
+
+    def _storage_blocked(self) -> bool:
+        """True while the store failed and is not to be tried again yet."""
+        retry = self._timers.retries.get("storage")
+        return retry is not None and retry.due > time.monotonic()
+
+    def _retry_at(self, key: str) -> float:
+        """When a retry is due. While the store is failing, none is due before the store is
+        tried again: each would fail at once (and the main loop would spin on it)."""
+        retries = self._timers.retries
+        due = retries[key].due
+        storage = retries.get("storage")
+        return due if storage is None or key == "storage" else max(due, storage.due)
 
     def _storage_ok(self) -> None:
         self._timers.retries.pop("storage", None)
@@ -497,7 +612,7 @@ class Agent:
 
     # -- periodic work ----------------------------------------------------------------------
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """Catch what inotify missed (overflow, a replaced run directory) and heal the watcher."""
         run_dir = self.config.adw.dir
         try:
@@ -511,15 +626,24 @@ class Agent:
                 log.warning(
                     "the run directory is gone; waiting for it", extra={"path": str(run_dir)}
                 )
-            self.watcher.stop()
+            await self._stop_watcher(self.watcher, time.monotonic() + _WATCHER_STOP)
             self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
             return
         if ino != self._dir_ino or not self.watcher.alive():
             log.info("watching the run directory again", extra={"path": str(run_dir)})
-            self.watcher.stop()
+            await self._stop_watcher(self.watcher, time.monotonic() + _WATCHER_STOP)
             self._start_watcher()
         self._process({"rescan"})
+
+    def _new_watcher(self, config: Config) -> Watcher:
+        return Watcher(
+            config.adw.dir,
+            config.watch.mode,
+            config.watch.poll_interval,
+            self._notice,
+            functools.partial(self._notice, closed=True),
+        )
 
     def _start_watcher(self) -> None:
         try:
@@ -528,10 +652,39 @@ class Agent:
             self._watch_paused = False
         except OSError as exc:
             if self.config.watch.mode == "inotify":
-                raise ConfigError(f"watch.mode = 'inotify' but inotify failed: {exc}") from None
+                raise ConfigError(self._watch_failure(self.config, exc)) from None
             log.error("cannot watch %s: %s", self.config.adw.dir, exc)
             self._watch_paused = True
             self._timers.rescan = time.monotonic() + _MISSING_DIR_POLL
+
+    @staticmethod
+    def _watch_failure(config: Config, exc: OSError) -> str:
+        if config.watch.mode == "inotify":
+            return f"watch.mode = 'inotify' but inotify failed: {exc}"
+        return f"cannot watch {config.adw.dir}: {exc}"
+
+    async def _stop_watcher(self, watcher: Watcher, deadline: float) -> None:
+        """Stop ``watcher`` without blocking the event loop, waiting until ``deadline`` at most.
+
+        Stopping joins watchdog's threads, and its emitters are joined without a time limit.
+        So it runs on a daemon thread of its own rather than in asyncio's executor, whose
+        threads are waited for at exit: one that does not end in time is left behind, and
+        it cannot keep the process from exiting.
+        """
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def stop() -> None:
+            try:
+                watcher.stop(max(0.0, deadline - time.monotonic()))
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(_resolve, done)
+
+        threading.Thread(target=stop, name="stop-watcher", daemon=True).start()
+        await asyncio.wait({done}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done.done():
+            log.debug("the watcher did not stop in time; leaving its threads to end by themselves")
 
     def _status_data(self, state: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
         stats = self.store.stats() if stats is None else stats
@@ -554,10 +707,9 @@ class Agent:
         try:
             with self.store.transaction() as tx:
                 tx.emit("agent_status", data, "event")
-            # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean stop.
-            self.store.set_meta(
-                "heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state}
-            )
+                # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
+                # stop. In the same transaction: the two must never disagree.
+                tx.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state})
         except StorageError as exc:
             if direct and self._storage_error is not None:
                 # Still failing: the heartbeat goes out directly instead.
@@ -568,6 +720,8 @@ class Agent:
         finally:
             self.notifier.send(self._status_line(state, stats))
         self.sender.wake()
+        if self._storage_error is not None and state != "stopping":
+            self._storage_ok()  # a real write: the store is back
         return True
 
     def _status_line(self, state: str | None = None, stats: dict[str, Any] | None = None) -> str:
@@ -585,6 +739,11 @@ class Agent:
         elif self.sender.last_error:
             line += f"; delivery failing: {self.sender.last_error}"
         return line
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def serve(config: Config, early_signals: list[int] | None = None) -> int:

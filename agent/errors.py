@@ -16,8 +16,9 @@
         └── PermanentDelivery    any other non-2xx: the event is dead-lettered with the
                                  response and delivery of later events continues
 
-Loop boundaries (the change loop, the sender, the heartbeat) catch ``AgentError``, log it with
-context and carry on. Only startup turns an error into an exit code.
+Loop boundaries (the main loop, the sender) catch ``AgentError``, and any other ``Exception`` as
+unexpected, log it with context and carry on. Only startup turns an error into an exit code, and
+a sender task that ends by itself all the same (exit 1, see :mod:`agent.app`).
 """
 
 from __future__ import annotations
