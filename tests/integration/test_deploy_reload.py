@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import AdwWriter, AgentProcess, Backend, Reply, write_config
+from tests.harness import AdwWriter, AgentProcess, Backend, Reply, run_cli, write_config
 
 
 @pytest.fixture
@@ -164,3 +164,37 @@ def test_a_new_token_in_the_token_file_is_used_after_reload(
     text = agent.log.read_text()
     assert "first-token-value" not in text
     assert "second-token-value" not in text
+
+
+def test_a_reloaded_token_is_redacted_like_the_first(
+    backend: Backend,
+    tmp_path: Path,
+    run_dir: Path,
+    writer: AdwWriter,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    secret = "reloaded-Zq7-token-value"
+    token = tmp_path / "adw-token"
+    token.write_text("first-token-value\n")
+    agent = start_agent(backend={"token_file": str(token)})
+    backend.wait_for(lambda evs: any(e["type"] == "agent_status" for e in evs))
+    token.write_text(secret + "\n")
+    rewrite(agent, run_dir, backend.url, backend={"token_file": str(token)})
+    assert reload(agent)["message"] == "configuration reloaded"
+
+    # A careless backend rejects the event and echoes the credentials it was sent.
+    backend.policy = lambda event: (
+        Reply(400, body=f'{{"detail": "bad", "auth": "Bearer {secret}"}}'.encode())
+        if event["type"] == "workflow_update"
+        else Reply()
+    )
+    writer.state({"adw_id": "55b761f6", "issue_number": "7", "issue_class": "/bug"})
+    dead = agent.wait_log(lambda e: str(e.get("message", "")).startswith("event dead-lettered"))
+    assert backend.requests[-1].headers["Authorization"] == f"Bearer {secret}"
+    assert "Bearer <redacted>" in dead["response"]
+    listed = run_cli("dead-letters", "--json", "--config", str(agent.config))
+    assert listed.returncode == 0, listed.stderr
+    assert "Bearer <redacted>" in listed.stdout
+    assert agent.stop() == 0
+    assert secret not in agent.log.read_text()
+    assert secret not in listed.stdout
