@@ -1,8 +1,9 @@
 """The ``adw-agent`` command line.
 
-Exit codes: 0 success, 1 failure (unhealthy, an unexpected error), 2 usage error,
-78 configuration error (EX_CONFIG; systemd's ``RestartPreventExitStatus=78`` keeps a bad config
-from restarting in a loop).
+Exit codes: 0 success, 1 failure (unhealthy, a file that cannot be read or written, an agent
+error; always one line on stderr, never a traceback), 2 usage error, 78 configuration error
+(EX_CONFIG; systemd's ``RestartPreventExitStatus=78`` keeps a bad config from restarting in a
+loop; a second agent on the same ``storage.dir`` is one too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from agent.config import Config, load, preflight
 from agent.errors import AgentError, ConfigError
 
 EX_CONFIG = 78
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def _print_json(value: Any) -> None:
@@ -76,7 +81,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_receive(args: argparse.Namespace) -> int:
     from agent.receiver import Receiver  # noqa: PLC0415
 
-    receiver = Receiver(args.port, args.host, Path(args.out) if args.out else None)
+    try:
+        receiver = Receiver(args.port, args.host, Path(args.out) if args.out else None)
+    except OSError as exc:
+        raise AgentError(f"cannot listen on {args.host}:{args.port}: {_reason(exc)}") from None
     print(f"receiving on {receiver.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         receiver.server.serve_forever()
@@ -238,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except AgentError as exc:
         print(f"adw-agent: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path that cannot be read or written: say which, and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"adw-agent: {where}{_reason(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from agent import __version__
 from agent.cli import EX_CONFIG, main
+from agent.outbox import Store
 
 
 @pytest.fixture
@@ -90,3 +92,46 @@ def test_schema_writes_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[
     written = capsys.readouterr().out.splitlines()
     assert sorted(Path(p).name for p in written) == sorted(p.name for p in out.iterdir())
     assert main(["schema", "--check", "--out", str(out)]) == 0
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err.strip()
+
+
+def test_schema_into_an_unwritable_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "schemas"
+    assert main(["schema", "--out", str(out)]) == 1
+    assert one_line(capsys.readouterr().err) == f"adw-agent: {out}: Not a directory"
+
+
+def test_receive_on_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["receive", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) == f"adw-agent: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_cost_of_a_symlink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "raw_output.jsonl"
+    target.write_text("{}\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert main(["cost", str(link)]) == 1
+    assert one_line(capsys.readouterr().err).startswith(f"adw-agent: {link}: ")
+
+
+def test_requeueing_into_another_adws_store_is_a_config_error(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Store(tmp_path / "storage", "another", "normal").close()
+    assert main(["dead-letters", "--all", "--config", str(config)]) == EX_CONFIG
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"adw-agent: config error: storage.dir: {tmp_path / 'storage'} holds")
