@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.read import TRANSCRIPT
 from agent.transcript import Chunk, TranscriptReader, parse_line
 
 if TYPE_CHECKING:
@@ -73,8 +74,6 @@ MAX_NAME = 128
 OTHER = "other"
 #: Distinct models one transcript's ``by_model`` names before the rest fold into :data:`OTHER`.
 _MAX_MODELS = 32
-
-_TRANSCRIPT_NAME = "raw_output.jsonl"
 
 
 def _warn_to_log(message: str) -> None:
@@ -807,13 +806,13 @@ def _transcripts(path: Path) -> Iterator[Path]:
         # A file (or a symlink, which the reader refuses with UnsafeFile).
         yield path
         return
-    direct = path / _TRANSCRIPT_NAME
+    direct = path / TRANSCRIPT
     if _is_regular(direct):
         yield direct
     with os.scandir(path) as entries:
         subdirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     for name in subdirs:
-        candidate = path / name / _TRANSCRIPT_NAME
+        candidate = path / name / TRANSCRIPT
         if _is_regular(candidate):
             yield candidate
 

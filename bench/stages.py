@@ -75,7 +75,6 @@ class Marks:
 def run(writes: int) -> dict[str, tuple[float, float]]:
     marks = Marks()
     marks.wrap(app.Agent, "_notice", "notice")
-    marks.wrap(app.Agent, "_notice_closed", "notice")
     marks.wrap(app.Agent, "_note", "note")
     marks.wrap(pipeline.Pipeline, "process", "process")
     marks.wrap(deliver.Sender, "_post", "post")
