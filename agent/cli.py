@@ -98,7 +98,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent import demo, logs  # noqa: PLC0415
 
-    logs.setup("warning")
+    # The demo prints the events; warnings about its simulated failure would be noise.
+    logs.setup("error")
     return demo.run(args.duration)
 
 
