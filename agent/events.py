@@ -19,7 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 EventType = Literal[
-    "workflow_update", "phase_update", "workflow_failed", "cost_update", "agent_status"
+    "workflow_update",
+    "phase_update",
+    "workflow_failed",
+    "workflow_completed",
+    "cost_update",
+    "agent_status",
 ]
 Source = Literal["event", "sync"]
 
@@ -57,8 +62,22 @@ class PhaseUpdate(_Data):
 
 class WorkflowFailed(_Data):
     reason: str
-    error_excerpt: str = Field(description="The last lines of error.log, bounded in size.")
+    error_excerpt: str = Field(
+        description="The bounded tail of the log written last (error.log, a script folder's "
+        "execution.log or subprocess.log)."
+    )
     current_phase: str | None
+
+
+class WorkflowCompleted(_Data):
+    """The run ended normally: ``end_time`` was written after its last phase completed."""
+
+    final_cost: float = Field(description="The ADW's cost when the run ended, in USD.")
+    completed_phases: list[str]
+    duration_s: float | None = Field(
+        default=None, description="Seconds from the run's first observed state to end_time."
+    )
+    end_time: str | None = Field(default=None, description="end_time as the state file has it.")
 
 
 class Breakdown(_Data):
@@ -81,6 +100,16 @@ class CostUpdate(_Data):
         "corrects an estimate."
     )
     final: bool = Field(description="Every transcript's latest attempt has a result line.")
+    settled_cost: float | None = Field(
+        default=None,
+        description="USD from result lines only; current_cost minus this is the estimate.",
+    )
+    estimated_share: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Share of current_cost that is estimated rather than settled (0..1).",
+    )
     current_phase: str | None
     estimate_complete: bool
     breakdown: Breakdown
@@ -102,6 +131,7 @@ DATA_MODELS: dict[str, type[BaseModel]] = {
     "workflow_update": WorkflowUpdate,
     "phase_update": PhaseUpdate,
     "workflow_failed": WorkflowFailed,
+    "workflow_completed": WorkflowCompleted,
     "cost_update": CostUpdate,
     "agent_status": AgentStatus,
 }
@@ -119,6 +149,14 @@ class Event(BaseModel):
         ge=0,
         description="Strictly increasing per ADW; 0 only on an agent_status sent outside the "
         "outbox because the store could not be written.",
+    )
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        description="The stream seq belongs to: fixed when the agent's store for this ADW is "
+        "created (milliseconds since the Unix epoch). A store that was lost or reset starts a "
+        "larger epoch, so (epoch, seq) orders every event of an ADW; 0 from agents that predate "
+        "epochs.",
     )
     timestamp: str = Field(description="ISO 8601, UTC, when the agent observed the change.")
     source: Source

@@ -36,6 +36,8 @@ def test_envelope_accepts_a_well_formed_event() -> None:
     event = Event.model_validate(an_event())
     assert event.seq == 1
     assert event.source == "event"
+    assert event.epoch == 0, "an agent that predates epochs is epoch 0"
+    assert Event.model_validate(an_event(epoch=1767225600000)).epoch == 1767225600000
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_envelope_accepts_a_well_formed_event() -> None:
         ("type", "something_else"),
         ("source", "poll"),
         ("seq", -1),
+        ("epoch", -1),
         ("event_id", None),
     ],
 )
@@ -84,17 +87,33 @@ def test_workflow_failed_requires_its_fields() -> None:
         check_data("workflow_failed", {"reason": "x", "current_phase": None})
 
 
+def test_workflow_completed_carries_the_final_figures() -> None:
+    data = {
+        "final_cost": 0.92175,
+        "completed_phases": ["Plan", "Build"],
+        "duration_s": 61.5,
+        "end_time": "2026-01-01T00:01:01",
+    }
+    assert check_data("workflow_completed", data) == data
+    with pytest.raises(ValidationError, match="final_cost"):
+        check_data("workflow_completed", {"completed_phases": []})
+
+
 def test_cost_update_is_strictly_shaped() -> None:
     data = {
         "current_cost": 0.5,
         "cost_delta": -0.1,
         "final": True,
+        "settled_cost": 0.25,
+        "estimated_share": 0.5,
         "current_phase": None,
         "estimate_complete": False,
         "breakdown": {"by_agent": {"a": 0.5}, "by_model": {}, "by_phase": {}},
         "tokens": {"input": 1, "output": 2, "cache_creation": 3, "cache_read": 4},
     }
     assert check_data("cost_update", data) == data
+    with pytest.raises(ValidationError, match="estimated_share"):
+        check_data("cost_update", {**data, "estimated_share": 1.5})
     with pytest.raises(ValidationError, match="breakdown"):
         check_data("cost_update", {**data, "breakdown": {"by_agent": {}}})
 
