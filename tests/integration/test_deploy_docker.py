@@ -92,7 +92,14 @@ def test_healthcheck_uses_the_agents_healthcheck(steps: list[tuple[str, str]]) -
 
 
 def test_base_image_and_read_only_friendly_runtime(steps: list[tuple[str, str]]) -> None:
-    args = dict(s for s in steps if s[0] == "ARG" for s in [tuple(s[1].split("=", 1))])
+    # ARG NAME=default, or ARG NAME with no default (e.g. PIP_INDEX_URL, build-time only).
+    args = {
+        name: default
+        for word, a in steps
+        if word == "ARG"
+        for name, _, default in [a.partition("=")]
+        if default
+    }
     bases = [a.split()[0] for word, a in steps if word == "FROM"]
     resolved = {args.get(b.strip("${}"), b) for b in bases}
     assert resolved <= {"python:3.11-slim", "python:3.12-slim"}, resolved
