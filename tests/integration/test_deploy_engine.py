@@ -23,10 +23,8 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,72 +33,16 @@ from typing import Any
 import pytest
 
 from agent.config import AdwSection
+from tests.engine import docker, unique, wait_until
 from tests.harness import ROOT, AdwWriter, Backend, Reply
 from tests.integration.test_deploy_docker import parse_yaml, seconds
 
-BASE_IMAGE = os.environ.get("ADW_TEST_PYTHON_IMAGE", "adw-agent-base:bookworm")
 IMAGE_USER = "10001"
 CONFIG = "/etc/adw-agent/agent.toml"
 # The group the run directories are readable by: a group of its own when the test can chown.
 RUN_GID = 20001 if os.geteuid() == 0 else os.getgid()
 # Host mode (``[adw] root``): runs once the configuration knows the key.
 HOST_MODE = "root" in AdwSection.model_fields
-
-
-def docker(
-    *args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {done.returncode}\n{done.stderr}")
-    return done
-
-
-def engine_problem() -> str | None:
-    if shutil.which("docker") is None:
-        return "the docker command is not installed"
-    try:
-        done = docker("version", "--format", "{{.Server.Version}}", check=False, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "the Docker engine does not answer"
-    if done.returncode != 0:
-        return f"no Docker engine is reachable: {done.stderr.strip()[:200]}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def image() -> Iterator[str]:
-    problem = engine_problem()
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the engine tests: {problem}")
-        pytest.skip(problem)
-    if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        made = subprocess.run(
-            [str(ROOT / ".ci" / "base-image"), BASE_IMAGE],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert made.returncode == 0, made.stderr
-    tag = f"adw-agent:test-{secrets.token_hex(4)}"
-    args = ["build", "--network=host", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}"]
-    if os.environ.get("PIP_INDEX_URL"):
-        args += ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"]
-    # The classic builder: BuildKit would fetch its own parts from a registry.
-    docker(*args, "-t", tag, str(ROOT), timeout=600, env={"DOCKER_BUILDKIT": "0"})
-    try:
-        yield tag
-    finally:
-        docker("image", "rm", "--force", tag, check=False)
 
 
 # -- the compose service as `docker run` options ---------------------------------------------
@@ -225,7 +167,7 @@ class Deployment:
     def run(self) -> str:
         compose = parse_yaml(self.compose_file.read_text())
         files = {"./adw-agent.toml": self.config, "./secrets/adw-token": self.token_file}
-        name = f"adw-test-{secrets.token_hex(4)}"
+        name = unique("adw-test")
         self.containers.append(name)
         options = run_options(compose, self.variables, files, self.volume)
         docker(
@@ -248,11 +190,7 @@ class Deployment:
         return docker("inspect", "--format", template, name).stdout.strip()
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; {self.describe()}")
-            time.sleep(0.2)
+        wait_until(what, check, self.describe, timeout)
 
     def describe(self) -> str:
         if not self.containers:
@@ -268,11 +206,11 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment_factory(image: str, tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
+def deployment_factory(agent_image: str, tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
     made: list[Deployment] = []
 
     def make(compose_file: Path, variables: dict[str, str]) -> Deployment:
-        made.append(Deployment(image, compose_file, variables, tmp_path))
+        made.append(Deployment(agent_image, compose_file, variables, tmp_path))
         return made[-1]
 
     yield make
