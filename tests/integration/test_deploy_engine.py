@@ -251,11 +251,15 @@ def exercise(
     writers: dict[str, AdwWriter],
     mounted: str,
     late_run: Callable[[], tuple[str, AdwWriter]] | None = None,
+    *,
+    never_touches_gh_config: bool = False,
 ) -> None:
     """Everything the container must do, for either compose file.
 
     ``writers`` are the runs (adw_id -> writer) present before the start; ``mounted`` is where
     the container sees the first one; ``late_run`` makes a run directory after the start.
+    ``never_touches_gh_config``: not even a failed attempt to open something in ``.gh-config/``
+    shows in the logs (host mode knows which files it reads).
     """
     first = Backend()
     second = Backend()
@@ -369,6 +373,8 @@ def exercise(
             logs = deployment.logs(name)
             assert "Traceback" not in logs, logs[-3000:]
             assert deployment.token not in logs
+            if never_touches_gh_config:
+                assert ".gh-config" not in logs, logs[-3000:]
     finally:
         first.close()
         second.close()
@@ -405,7 +411,7 @@ def test_the_host_mode_image_runs_as_the_host_compose_example_does(
     def late_run() -> tuple[str, AdwWriter]:
         return "9f8e7d6c", AdwWriter(root / "9f8e7d6c")
 
-    exercise(deployment, writers, "/adw/agents/55b761f6", late_run)
+    exercise(deployment, writers, "/adw/agents/55b761f6", late_run, never_touches_gh_config=True)
 
 
 def test_run_options_follow_the_compose_file() -> None:
