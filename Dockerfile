@@ -1,9 +1,16 @@
-# syntax=docker/dockerfile:1
-#
 # adw-agent as a container: one container per ADW run directory, next to the workflow that
 # writes it (see docker-compose.example.yml and docs/deploy.md).
 #
 #   docker build -t adw-agent:0.1.0 .
+#
+# The base is a build argument: any Debian-based image with Python 3.11+ (`python` with venv),
+# groupadd and useradd will do, e.g. one made locally where no registry can be reached:
+#
+#   docker build --build-arg PYTHON_IMAGE=adw-agent-base:bookworm -t adw-agent:0.1.0 .
+#
+# No `# syntax=` line: the classic builder and BuildKit both build this file without fetching
+# a frontend. Behind a package mirror, pass --build-arg PIP_INDEX_URL=...; behind a
+# TLS-inspecting proxy, use a base whose CA bundle trusts it (verification stays on).
 #
 # The image holds no configuration and no secret. At run time it expects:
 #   /etc/adw-agent/agent.toml   the config (read-only mount)
@@ -15,6 +22,8 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
+# Only in the build stage: the runtime image keeps no trace of where packages came from.
+ARG PIP_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -40,7 +49,9 @@ USER 10001:10001
 VOLUME ["/var/lib/adw-agent"]
 STOPSIGNAL SIGTERM
 # Healthy while the agent writes heartbeats (every intervals.heartbeat) and nothing waits in the
-# outbox for longer than --max-stuck seconds.
+# outbox for longer than --max-stuck seconds. The first check runs one --interval after the
+# start (`docker run --health-start-interval` or compose's `start_interval` check sooner, on
+# Docker Engine 25 or newer; the classic builder does not know the flag here).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["adw-agent", "healthcheck", "--config", "/etc/adw-agent/agent.toml"]
 ENTRYPOINT ["adw-agent"]

@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 
 from agent import config as config_module
-from agent.config import DeliverySection
+from agent.config import AdwSection, DeliverySection
 from tests.harness import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.example.yml"
+HOST_COMPOSE = ROOT / "docker-compose.host.example.yml"
+HOST_MODE = "root" in AdwSection.model_fields
 CONFIG_IN_IMAGE = "/etc/adw-agent/agent.toml"
 MOUNT = re.compile(r"^(?P<source>\$\{[^}]*\}|[^:$]+):(?P<target>/[^:]*)(?::(?P<mode>ro|rw))?$")
 SECRET_WORDS = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", re.IGNORECASE)
@@ -92,7 +94,14 @@ def test_healthcheck_uses_the_agents_healthcheck(steps: list[tuple[str, str]]) -
 
 
 def test_base_image_and_read_only_friendly_runtime(steps: list[tuple[str, str]]) -> None:
-    args = dict(s for s in steps if s[0] == "ARG" for s in [tuple(s[1].split("=", 1))])
+    # ARG NAME=default, or ARG NAME with no default (e.g. PIP_INDEX_URL, build-time only).
+    args = {
+        name: default
+        for word, a in steps
+        if word == "ARG"
+        for name, _, default in [a.partition("=")]
+        if default
+    }
     bases = [a.split()[0] for word, a in steps if word == "FROM"]
     resolved = {args.get(b.strip("${}"), b) for b in bases}
     assert resolved <= {"python:3.11-slim", "python:3.12-slim"}, resolved
@@ -239,9 +248,16 @@ def test_the_yaml_reader_refuses_what_it_does_not_understand() -> None:
             parse_yaml(bad)
 
 
+@pytest.fixture(scope="module", params=[COMPOSE, HOST_COMPOSE], ids=["sidecar", "host"])
+def compose_file(request: pytest.FixtureRequest) -> Path:
+    path = request.param
+    assert isinstance(path, Path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data = parse_yaml(COMPOSE.read_text())
+def compose(compose_file: Path) -> dict[str, Any]:
+    data = parse_yaml(compose_file.read_text())
     assert isinstance(data, dict)
     return data
 
@@ -269,6 +285,9 @@ def test_the_sidecar_is_locked_down(agent: dict[str, Any]) -> None:
     assert "/tmp" in agent["tmpfs"]
     assert "user" not in agent or agent["user"] not in ("root", "0", "0:0")
     assert seconds(agent["stop_grace_period"]) > DeliverySection().drain_timeout
+    # Run directories are read through their group: they hold a GitHub token.
+    assert len(agent["group_add"]) == 1
+    assert agent["group_add"][0].startswith("${ADW_GID")
 
 
 def test_mounts_line_up_with_the_configuration(
@@ -280,9 +299,15 @@ def test_mounts_line_up_with_the_configuration(
         match = MOUNT.match(volume)
         assert match, volume
         mounts[match.group("target")] = (match.group("source"), match.group("mode"))
-    # The run directory, read-only, where adw.dir points.
-    assert mounts[env["ADW_AGENT_ADW__DIR"]][1] == "ro"
-    assert env["ADW_AGENT_ADW__ID"].startswith("${ADW_ID")
+    # The run directory (or the agents root in host mode), read-only, where adw.dir or
+    # adw.root points.
+    if "ADW_AGENT_ADW__ROOT" in env:
+        assert "ADW_AGENT_ADW__DIR" not in env
+        assert "ADW_AGENT_ADW__ID" not in env
+        assert mounts[env["ADW_AGENT_ADW__ROOT"]][1] == "ro"
+    else:
+        assert mounts[env["ADW_AGENT_ADW__DIR"]][1] == "ro"
+        assert env["ADW_AGENT_ADW__ID"].startswith("${ADW_ID")
     # The config, read-only, where the image's CMD and HEALTHCHECK look.
     assert mounts[CONFIG_IN_IMAGE][1] == "ro"
     # storage.dir on a named volume.
@@ -299,21 +324,32 @@ def test_mounts_line_up_with_the_configuration(
     assert not any(SECRET_WORDS.search(k) and not k.endswith("TOKEN_FILE") for k in env)
 
 
-def test_the_environment_is_a_valid_configuration(agent: dict[str, Any], tmp_path: Path) -> None:
+def test_the_environment_is_a_valid_configuration(
+    compose_file: Path, agent: dict[str, Any], tmp_path: Path
+) -> None:
     environ = {
         k: re.sub(r"\$\{ADW_ID[^}]*\}", "55b761f6", str(v)) for k, v in agent["environment"].items()
     }
     token = tmp_path / "adw-token"
     token.write_text("example-token\n")
     environ["ADW_AGENT_BACKEND__TOKEN_FILE"] = str(token)
-    config = config_module.load(ROOT / "agent.example.toml", environ=environ)
-    assert str(config.adw.dir) == environ["ADW_AGENT_ADW__DIR"]
-    assert config.adw_id == "55b761f6"
+    if compose_file == HOST_COMPOSE:
+        if not HOST_MODE:
+            pytest.skip("host mode ([adw] root) is not in this build yet")
+        # The host example's adw-agent.toml leaves adw.dir out.
+        config_file = tmp_path / "adw-agent.toml"
+        config_file.write_text('[backend]\nurl = "https://adw.example.com"\n')
+        config = config_module.load(config_file, environ=environ)
+        assert str(getattr(config.adw, "root", None)) == environ["ADW_AGENT_ADW__ROOT"]
+    else:
+        config = config_module.load(ROOT / "agent.example.toml", environ=environ)
+        assert str(config.adw.dir) == environ["ADW_AGENT_ADW__DIR"]
+        assert config.adw_id == "55b761f6"
     assert str(config.storage.dir) == "/var/lib/adw-agent"
     assert config.token is not None
 
 
-def test_polling_for_docker_desktop_is_documented() -> None:
-    text = COMPOSE.read_text()
+def test_polling_for_docker_desktop_is_documented(compose_file: Path) -> None:
+    text = compose_file.read_text()
     assert "Docker Desktop" in text
     assert re.search(r"#\s*ADW_AGENT_WATCH__MODE: poll", text)

@@ -1,4 +1,4 @@
-"""The systemd unit: it verifies, it is hardened to an exposure of 2.0 or lower, and the agent
+"""The systemd units: they verify, they are hardened to an exposure of 2.0 or lower, and the agent
 still works inside the same restrictions.
 
 ``systemd-analyze verify`` insists that ``ExecStart``'s program exists, and the unit names the
@@ -6,8 +6,9 @@ installed path ``/opt/adw-agent/bin/adw-agent``. The verify test therefore check
 which only that path is replaced by this environment's ``adw-agent`` script; everything else
 is the unit as shipped.
 
-No systemd runs as PID 1 here, so the last test rebuilds the unit's sandbox by hand and runs the
-agent in it: a read-only root with only ``storage.dir`` writable (``ProtectSystem=strict`` with
+test_deploy_systemd_boot.py runs both units under a real systemd in a container, where a Docker
+engine is available. Without one, the last test here rebuilds the unit's sandbox by hand and runs
+the agent in it: a read-only root with only ``storage.dir`` writable (``ProtectSystem=strict`` with
 ``StateDirectory=``), no capabilities (``CapabilityBoundingSet=``), ``NoNewPrivileges=``,
 ``MemoryDenyWriteExecute=`` (the kernel's PR_SET_MDWE, what systemd uses where available) and the
 unit's exact ``SystemCallFilter=`` as a seccomp filter expanded from this systemd's own syscall
@@ -34,6 +35,7 @@ from tests.harness import ROOT, AdwWriter, Backend, write_config
 from tests.integration.test_deploy_notify import NotifySocket
 
 UNIT = ROOT / "systemd" / "adw-agent@.service"
+HOST_UNIT = ROOT / "systemd" / "adw-agent.service"
 INSTALLED = "/opt/adw-agent/bin/adw-agent"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -88,25 +90,57 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([ANALYZE, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
+def test_the_host_unit_is_the_template_for_one_agent_per_host() -> None:
+    """Same sandbox and lifecycle as the template; only the instance-specific lines differ."""
+    host = directives(HOST_UNIT.read_text())
+    template = directives(UNIT.read_text())
+    assert one(host, "ExecStart") == f"{INSTALLED} run --config /etc/adw-agent/agent.toml"
+    assert one(host, "LoadCredential") == f"{CREDENTIAL_NAME}:/etc/adw-agent/agent.token"
+    # Beside the template's adw-agent/<adw_id> directories, under a name no adw_id takes.
+    assert one(host, "StateDirectory") == "adw-agent/host"
+    own = {"ExecStart", "LoadCredential", "StateDirectory", "Description"}
+    assert {k: v for k, v in host.items() if k not in own} == {
+        k: v for k, v in template.items() if k not in own
+    }
+    assert "%i" not in HOST_UNIT.read_text().split("[Unit]", 1)[1]
+
+
 @needs_analyze
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("unit", "names"),
+    [
+        (UNIT, ["adw-agent@.service", "adw-agent@55b761f6.service"]),
+        (HOST_UNIT, ["adw-agent.service"]),
+    ],
+    ids=["template", "host"],
+)
+def test_systemd_analyze_verify(tmp_path: Path, unit: Path, names: list[str]) -> None:
     agent = Path(sys.executable).parent / "adw-agent"
     assert agent.is_file(), "the package's console script must be installed"
-    shipped = UNIT.read_text()
+    shipped = unit.read_text()
     assert shipped.count(INSTALLED) == 1
-    for name in ("adw-agent@.service", "adw-agent@55b761f6.service"):
+    for name in names:
         copy = tmp_path / name
         copy.write_text(shipped.replace(INSTALLED, str(agent)))
         done = analyze("verify", str(copy))
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "adw-agent@" not in done.stdout + done.stderr, done.stdout + done.stderr
+        assert "adw-agent" not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", ["adw-agent@.service", "adw-agent@55b761f6.service"])
-def test_systemd_analyze_security_exposure_is_at_most_2(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("unit", "name"),
+    [
+        (UNIT, "adw-agent@.service"),
+        (UNIT, "adw-agent@55b761f6.service"),
+        (HOST_UNIT, "adw-agent.service"),
+    ],
+)
+def test_systemd_analyze_security_exposure_is_at_most_2(
+    tmp_path: Path, unit: Path, name: str
+) -> None:
     copy = tmp_path / name
-    shutil.copyfile(UNIT, copy)
+    shutil.copyfile(unit, copy)
     done = analyze("security", "--offline=yes", "--threshold=20", str(copy))
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
