@@ -575,21 +575,27 @@ def test_a_backlog_longer_than_one_batch_is_charged_before_the_phase_changes(
     # Over the reader's 1 MiB reads, so the transcript takes several batches; the result line
     # at the end covers every message before it.
     padding = "x" * 1000
+    init, *rest = fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+    # The messages belong to the fixture's own attempt: after its init line.
     lines = [
-        orjson.dumps(
-            {
-                "type": "assistant",
-                "message": {
-                    "id": f"m{i}",
-                    "model": "claude-sonnet-4-5",
-                    "usage": {"input_tokens": 1000},
-                    "content": [{"type": "text", "text": padding}],
-                },
-            }
-        )
-        + b"\n"
-        for i in range(3000)
-    ] + fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+        init,
+        *[
+            orjson.dumps(
+                {
+                    "type": "assistant",
+                    "message": {
+                        "id": f"m{i}",
+                        "model": "claude-sonnet-4-5",
+                        "usage": {"input_tokens": 1000},
+                        "content": [{"type": "text", "text": padding}],
+                    },
+                }
+            )
+            + b"\n"
+            for i in range(3000)
+        ],
+        *rest,
+    ]
     run.write.phases([], "Plan")
     run.process("phases")
     run.write.append("planner", *lines)
