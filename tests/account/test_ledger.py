@@ -25,6 +25,7 @@ from agent.transcript import Chunk, Position, parse_line
 from tests.account.common import (
     FIXTURES,
     HAIKU45,
+    MULTI,
     OPUS45,
     PROVENANCE_TOTALS,
     REAL,
@@ -656,3 +657,216 @@ def test_relevant_catches_escaped_keys_and_bad_results() -> None:
     led, _ = ledger()
     assert led.feed(parsed)
     assert not relevant(b'{"type":"user","message":{"content":"the \\"usage\\" of it"}}')
+
+
+# ---------------------------------------------------------------------------
+# Several runs in one file (real loop logs), resumed sessions, the live figure
+
+
+def raw_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def results_in(lines: list[bytes]) -> list[float]:
+    out = []
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is not None and parsed.get("type") == "result":
+            out.append(float(parsed["total_cost_usd"]))
+    return out
+
+
+def fed(lines: list[bytes]) -> TranscriptLedger:
+    led, _ = ledger()
+    led.feed_chunk(chunk(*(line.rstrip(b"\n") for line in lines)))
+    return led
+
+
+def estimate_alone(lines: list[bytes]) -> float:
+    """What lines without a result cost on their own, uncalibrated."""
+    return fed(lines).figure(1.0).cost
+
+
+def runs_of(lines: list[bytes]) -> list[list[bytes]]:
+    """The file's JSON lines, split at its init lines (the loop's banner lines are dropped)."""
+    runs: list[list[bytes]] = []
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is None:
+            continue
+        if parsed.get("subtype") == "init" or not runs:
+            runs.append([])
+        runs[-1].append(raw)
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("name", "settled_runs"),
+    [("better_use_4runs.jsonl", 3), ("gymnastics_rundown_system_4runs.jsonl", 3)],
+)
+def test_runs_appended_to_one_file_each_count(name: str, settled_runs: int) -> None:
+    lines = raw_lines(MULTI / name)
+    totals = results_in(lines)
+    assert len(totals) == settled_runs
+    led = fed(lines)
+    assert led.attempts == settled_runs + 1
+    assert led.settled == pytest.approx(math.fsum(totals), abs=1e-9)
+    # The last run has no result line: its messages are estimated, scaled by the ratio the
+    # settled runs give.
+    last = runs_of(lines)[-1]
+    unsettled = estimate_alone(last)
+    assert unsettled > 0
+    ratio = led.calibration.ratio
+    assert ratio != 1.0
+    assert led.cost == pytest.approx(math.fsum(totals) + ratio * unsettled, rel=1e-9)
+    assert not led.final
+
+
+def test_a_last_run_that_settles_at_zero_keeps_the_runs_before() -> None:
+    runs = runs_of(raw_lines(MULTI / "gymnastics_rundown_system_4runs.jsonl"))
+    zero = raw_lines(STREAM / "pricehawk_v2.0.55_zero_turn_zero_cost.jsonl")
+    settled = [line for run in runs[:3] for line in run]
+    led = fed(settled + zero)
+    assert results_in(zero) == [0.0]
+    assert led.cost == pytest.approx(math.fsum(results_in(settled)), abs=1e-9)
+    assert led.final
+
+
+def test_a_killed_run_then_a_new_one_keeps_the_killed_runs_estimate() -> None:
+    lines = raw_lines(MULTI / "gymnastics_graphics_registry_2runs_unsettled.jsonl")
+    first, second = runs_of(lines)[:2]
+    killed = estimate_alone(first)
+    assert killed > 0
+    led = fed(lines)
+    assert led.attempts == 2
+    assert led.cost == pytest.approx(killed + estimate_alone(second), rel=1e-9)
+    # A killed run followed by a run that settles: the result settles only its own run.
+    builder = raw_lines(STREAM / "pricehawk_v2.0.57_builder_sonnet45_13turns.jsonl")
+    led = fed(first + builder)
+    assert led.settled == pytest.approx(results_in(builder)[0], abs=1e-12)
+    # ... and calibrates the killed run's estimate.
+    ratio = led.calibration.ratio
+    assert led.cost == pytest.approx(killed * ratio + results_in(builder)[0], rel=1e-9)
+
+
+def with_version(lines: list[bytes], version: str, total: float | None = None) -> list[bytes]:
+    out = []
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is not None and parsed.get("subtype") == "init":
+            out.append(orjson.dumps({**parsed, "claude_code_version": version}) + b"\n")
+        elif parsed is not None and parsed.get("type") == "result" and total is not None:
+            out.append(orjson.dumps({**parsed, "total_cost_usd": total}) + b"\n")
+        else:
+            out.append(raw)
+    return out
+
+
+def test_a_resumed_session_of_an_older_cli_reports_its_own_spend() -> None:
+    # The same session again in a new process (same session_id): before 2.1.277 each process
+    # reports only what it spent, so the two results add up.
+    run = raw_lines(STREAM / "gleam_v2.1.7_basic_query_golden.jsonl")
+    [total] = results_in(run)
+    led = fed(run + run)
+    assert led.attempts == 2
+    assert led.cost == pytest.approx(2 * total, abs=1e-12)
+
+
+def test_a_resumed_session_of_a_newer_cli_restates_the_session_total() -> None:
+    run = raw_lines(STREAM / "gleam_v2.1.7_basic_query_golden.jsonl")
+    [total] = results_in(run)
+    first = with_version(run, "2.1.278")
+    resumed = with_version(run, "2.1.278", total=total + 0.05)
+    led = fed(first + resumed)
+    assert led.cost == pytest.approx(total + 0.05, abs=1e-12)
+    assert led.settled == pytest.approx(total + 0.05, abs=1e-12)
+    # A session not seen before in this file has no baseline to subtract.
+    led = fed(resumed)
+    assert led.cost == pytest.approx(total + 0.05, abs=1e-12)
+
+
+def test_a_result_settles_only_its_own_run_when_the_session_changes_without_init() -> None:
+    led, _ = ledger()
+    led.feed({**assistant("a1", input_tokens=1000, output_tokens=10), "session_id": "s1"})
+    killed = led.cost
+    led.feed({**assistant("b1", input_tokens=2000, output_tokens=10), "session_id": "s2"})
+    led.feed({**result(0.5), "session_id": "s2"})
+    assert led.attempts == 2
+    assert led.cost == pytest.approx(killed * led.calibration.ratio + 0.5, rel=1e-12)
+
+
+def test_output_is_estimated_from_content_when_the_count_is_a_placeholder() -> None:
+    led, _ = ledger()
+    line = assistant("m1", output_tokens=1)
+    line["message"]["content"] = [
+        {"type": "thinking", "thinking": "t" * 350, "signature": "s" * 5000},
+        {"type": "text", "text": "x" * 700},
+        {"type": "tool_use", "id": "tu", "name": "Bash", "input": {"command": "y" * 336}},
+    ]
+    led.feed(line)
+    # 350 + 700 + len('{"command":"' + 336 + '"}') = 1400 characters = 400 tokens at $15/M.
+    assert led.cost == pytest.approx(400 * 15 / 1e6, abs=1e-15)
+    # A second line of the same message brings its own content; the usage is not repeated.
+    more = assistant("m1", output_tokens=1)
+    more["message"]["content"] = [{"type": "text", "text": "z" * 35}]
+    assert led.feed(more)
+    assert led.cost == pytest.approx(410 * 15 / 1e6, abs=1e-15)
+    assert led.tokens.output == 1
+    # A reported count above the content's estimate wins.
+    led, _ = ledger()
+    led.feed(assistant("m2", output_tokens=5000))
+    assert led.cost == pytest.approx(5000 * 15 / 1e6, abs=1e-15)
+
+
+def test_calibration_scales_unsettled_estimates_by_the_settled_ratio() -> None:
+    led, _ = ledger()
+    led.feed({"type": "system", "subtype": "init", "session_id": "s1"})
+    led.feed(assistant("a", input_tokens=10_000))  # $0.03 at list prices
+    led.feed(result(0.06))  # the CLI charged twice that (helper calls, its own prices)
+    assert led.calibration.ratio == pytest.approx(2.0)
+    led.feed({"type": "system", "subtype": "init", "session_id": "s2"})
+    led.feed(assistant("b", input_tokens=10_000))
+    assert led.cost == pytest.approx(0.06 + 2 * 0.03, rel=1e-12)
+    assert led.settled == pytest.approx(0.06)
+    assert led.figure(1.0).cost == pytest.approx(0.09, rel=1e-12)
+    # Bounded: a wild ratio does not run away.
+    led, _ = ledger()
+    led.feed(assistant("a", input_tokens=10_000))
+    led.feed(result(30.0))
+    assert led.calibration.ratio == 3.0
+
+
+def test_the_ratio_needs_evidence_before_it_departs_from_one() -> None:
+    led, _ = ledger()
+    led.feed(assistant("a", input_tokens=100))  # $0.0003: too little to learn from
+    led.feed(result(0.003))
+    assert led.calibration.ratio == 1.0
+
+
+REAL_TRANSCRIPTS = sorted(
+    p for folder in (STREAM, REAL, MULTI) for p in folder.glob("*.jsonl") if p.stat().st_size
+)
+
+
+@pytest.mark.parametrize("path", REAL_TRANSCRIPTS, ids=lambda p: p.name)
+def test_the_live_figure_never_overshoots_and_only_falls_at_a_result(path: Path) -> None:
+    led, _ = ledger()
+    figures: list[float] = []
+    previous = 0.0
+    for raw in raw_lines(path):
+        parsed = parse_line(raw)
+        if parsed is None:
+            continue
+        led.feed(parsed)
+        now = led.cost
+        if parsed.get("type") != "result":
+            assert now >= previous - 1e-12, "the figure went down without a result line"
+        figures.append(now)
+        previous = now
+    final = led.cost
+    assert max(figures, default=0.0) <= 1.10 * final + 1e-12
+
+
+def test_the_multi_run_fixtures_are_all_covered() -> None:
+    assert len(list(MULTI.glob("*.jsonl"))) == 4
+    assert {p.name for p in MULTI.glob("*.jsonl")} <= {p.name for p in REAL_TRANSCRIPTS}
