@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.account import (
     MAX_COUNT,
@@ -870,3 +872,132 @@ def test_the_live_figure_never_overshoots_and_only_falls_at_a_result(path: Path)
 def test_the_multi_run_fixtures_are_all_covered() -> None:
     assert len(list(MULTI.glob("*.jsonl"))) == 4
     assert {p.name for p in MULTI.glob("*.jsonl")} <= {p.name for p in REAL_TRANSCRIPTS}
+
+
+# ---------------------------------------------------------------------------
+# No line can make the ledger raise
+
+
+def nested(depth: int, leaf: bytes = b"1", opener: bytes = b'{"a":', closer: bytes = b"}") -> bytes:
+    return opener * depth + leaf + closer * depth
+
+
+DEEP = [
+    # The probe's lines: usage or total_cost_usd nested ~1,000 deep (orjson parses up to 1024).
+    b'{"type":"assistant","message":{"id":"m","model":"claude-sonnet-4-5","usage":{"input_tokens":'
+    + nested(1000, opener=b"[", closer=b"]", leaf=b"")
+    + b"}}}",
+    b'{"type":"assistant","message":{"id":"m","usage":' + nested(1000) + b"}}",
+    b'{"type":"result","total_cost_usd":' + nested(1000) + b"}",
+    b'{"type":"result","total_cost_usd":1,"modelUsage":{"m":' + nested(1000) + b"}}",
+    b'{"type":"assistant","message":{"id":"m","usage":{"input_tokens":5},"content":[{"type":'
+    b'"tool_use","input":' + nested(1000) + b"}]}}",
+    b'{"type":"system","subtype":"init","claude_code_version":' + nested(1000) + b"}",
+    b'{"type":"assistant","session_id":' + nested(1000) + b',"message":{"usage":{}}}',
+    # Deeper than orjson parses: not JSON at all.
+    b'{"type":"result","total_cost_usd":' + nested(5000) + b"}",
+]
+
+
+@pytest.mark.parametrize("raw", DEEP, ids=range(len(DEEP)))
+def test_a_deeply_nested_line_is_one_bad_line_and_the_next_one_counts(raw: bytes) -> None:
+    led, warnings = ledger()
+    led.feed_chunk(chunk(b'{"type":"assistant","message":{"id":"a","usage":{"input_tokens":9}}}'))
+    before = led.bad_lines
+    _, bad = led.feed_chunk(chunk(raw))
+    assert bad <= 1
+    assert led.bad_lines == before + bad
+    for warning in warnings:
+        assert len(warning) < 1000
+    led.feed_chunk(chunk(b'{"type":"result","total_cost_usd":5.0}'))
+    # An init line, however odd its version, still starts a new attempt.
+    kept = 9 * 3 / 1e6 if b'"init"' in raw else 0.0
+    assert led.cost == pytest.approx(5.0 + kept, abs=1e-12)
+    assert led.final
+    # The state still saves and loads.
+    again = TranscriptLedger.load(orjson.loads(orjson.dumps(led.dump())), PriceTable())
+    assert again.cost == led.cost
+
+
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "subtype",
+                    "message",
+                    "usage",
+                    "id",
+                    "model",
+                    "content",
+                    "text",
+                    "thinking",
+                    "input",
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_creation",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                    "ephemeral_5m_input_tokens",
+                    "server_tool_use",
+                    "web_search_requests",
+                    "total_cost_usd",
+                    "modelUsage",
+                    "costUSD",
+                    "session_id",
+                    "claude_code_version",
+                ]
+            )
+            | st.text(max_size=8),
+            children,
+            max_size=6,
+        ),
+    ),
+    max_leaves=40,
+)
+line_type = st.sampled_from(["assistant", "result", "system", "user", None])
+
+
+@st.composite
+def odd_lines(draw: st.DrawFn) -> dict[str, Any]:
+    line = draw(st.dictionaries(st.text(max_size=8), json_value, max_size=4))
+    kind = draw(line_type)
+    if kind is not None:
+        line["type"] = kind
+    if draw(st.booleans()):
+        line["subtype"] = "init"
+    if draw(st.booleans()):
+        line["message"] = draw(json_value)
+    if draw(st.booleans()):
+        line["total_cost_usd"] = draw(json_value)
+    if draw(st.booleans()):
+        line["session_id"] = draw(json_value)
+    return line
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(odd_lines(), max_size=12), st.integers(min_value=1, max_value=1200))
+def test_no_line_makes_the_ledger_raise(lines: list[dict[str, Any]], depth: int) -> None:
+    led, _ = ledger(window=4)
+    raw = [orjson.dumps(line) for line in lines]
+    raw.append(b'{"type":"assistant","message":{"usage":' + nested(depth) + b"}}")
+    raw.append(b'{"type":"result","total_cost_usd":' + nested(depth, b"[1]") + b"}")
+    for one in raw:
+        before = led.bad_lines
+        led.feed_chunk(chunk(one))
+        assert led.bad_lines - before <= 1
+        assert math.isfinite(led.cost)
+        assert led.cost >= 0
+        assert 0 <= led.settled <= led.cost + 1e-9
+    again = TranscriptLedger.load(orjson.loads(orjson.dumps(led.dump())), PriceTable())
+    assert again.cost == pytest.approx(led.cost, rel=1e-12, abs=1e-12)
