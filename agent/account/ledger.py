@@ -174,7 +174,7 @@ class WindowBudget:
 
     __slots__ = ("floor", "total", "used")
 
-    def __init__(self, total: int, floor: int = 16) -> None:
+    def __init__(self, total: int, floor: int = 8) -> None:
         if total < 0 or floor < 1:
             raise ValueError("total must be >= 0 and floor >= 1")
         self.total = total

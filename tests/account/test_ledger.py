@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from agent.account import (
     PriceTable,
     Tokens,
     TranscriptLedger,
+    WindowBudget,
     cost_of_path,
     relevant,
 )
@@ -1001,3 +1003,44 @@ def test_no_line_makes_the_ledger_raise(lines: list[dict[str, Any]], depth: int)
         assert 0 <= led.settled <= led.cost + 1e-9
     again = TranscriptLedger.load(orjson.loads(orjson.dumps(led.dump())), PriceTable())
     assert again.cost == pytest.approx(led.cost, rel=1e-12, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Memory: a budget shared by every ledger bounds the ids they remember
+
+
+def test_a_shared_budget_bounds_the_ids_every_ledger_remembers() -> None:
+    budget = WindowBudget(100, floor=8)
+    ledgers = []
+    for t in range(50):
+        led = TranscriptLedger(PriceTable(), lambda _m: None, 1024, budget)
+        for i in range(60):
+            led.feed(assistant(f"t{t}m{i}", input_tokens=10))
+        ledgers.append(led)
+    held = sum(led.remembered for led in ledgers)
+    assert held == budget.used
+    assert held <= 100 + 8 * 50
+    assert all(led.remembered >= 8 for led in ledgers)
+    # Even with the budget spent, a message split over lines is still counted once.
+    led = ledgers[-1]
+    before = led.cost
+    led.feed(assistant("split", input_tokens=1000))
+    led.feed(assistant("split", input_tokens=1000))
+    assert led.cost == pytest.approx(before + 1000 * 3 / 1e6, abs=1e-15)
+    # A result line frees its attempt's ids; a ledger that is dropped gives its ids back.
+    led.feed(result(1.0))
+    assert led.remembered == 0
+    assert budget.used == sum(other.remembered for other in ledgers)
+    del ledgers[:10], led
+    gc.collect()
+    assert budget.used == sum(other.remembered for other in ledgers)
+    # A ledger restored from its saved state counts against the budget too.
+    restored = TranscriptLedger.load(ledgers[0].dump(), PriceTable(), None, budget)
+    assert budget.used == sum(other.remembered for other in [*ledgers, restored])
+
+
+def test_without_a_budget_the_window_alone_bounds_one_ledger() -> None:
+    led, _ = ledger(window=16)
+    for i in range(100):
+        led.feed(assistant(f"m{i}", input_tokens=10))
+    assert led.remembered == 16

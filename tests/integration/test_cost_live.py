@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from tests.harness import AdwWriter, AgentProcess, Backend, fixture_lines
 
@@ -154,3 +157,41 @@ def test_killed_run_without_result_reports_an_estimate_that_is_not_final(
     # The init line alone costs nothing, but the run is no longer final.
     events = backend.wait_for(cost_reaches(result_cost(planner), final=False))
     assert set(last_cost(events)["breakdown"]["by_agent"]) == {"sdlc_planner", "branch_generator"}  # type: ignore[index]
+
+
+def test_runs_appended_to_one_transcript_are_summed_settled_and_estimated(
+    backend: Backend, writer: AdwWriter, start_agent: StartAgent
+) -> None:
+    # A real loop log: four runs appended one after another, the last one unfinished.
+    lines = fixture_lines("gymnastics_rundown_system_4runs.jsonl")
+    totals = [
+        float(json.loads(line)["total_cost_usd"])
+        for line in lines
+        if b'"type":"result"' in line.replace(b" ", b"")
+    ]
+    settled = math.fsum(totals)
+    start_agent()
+    writer.start_attempt("builder")
+    for start in range(0, len(lines), 40):
+        writer.append("builder", *lines[start : start + 40])
+
+    def all_in(events: list[dict[str, Any]]) -> bool:
+        data = last_cost(events)
+        return (
+            data is not None
+            and data["settled_cost"] is not None
+            and math.isclose(data["settled_cost"], settled, abs_tol=1e-9)
+            and data["current_cost"] > settled
+        )
+
+    events = backend.wait_for(all_in)
+    costs = [e["data"] for e in events if e["type"] == "cost_update"]
+    last = costs[-1]
+    assert last["final"] is False
+    estimated = last["current_cost"] - settled
+    assert last["estimated_share"] == pytest.approx(estimated / last["current_cost"], abs=1e-6)
+    # The figure only falls in an update where a result line settled something.
+    for before, after in itertools.pairwise(costs):
+        if after["cost_delta"] < 0:
+            assert after["settled_cost"] > before["settled_cost"]
+    assert math.isclose(sum(c["cost_delta"] for c in costs), last["current_cost"], abs_tol=1e-9)
