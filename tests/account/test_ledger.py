@@ -1044,3 +1044,37 @@ def test_without_a_budget_the_window_alone_bounds_one_ledger() -> None:
     for i in range(100):
         led.feed(assistant(f"m{i}", input_tokens=10))
     assert led.remembered == 16
+
+
+def test_a_state_saved_by_the_previous_version_still_loads() -> None:
+    # What version 1 saved mid-attempt: one closed attempt, one message in the window.
+    v1 = {
+        "v": 1,
+        "window_size": 1024,
+        "attempts": 1,
+        "closed_cost": 0.5,
+        "closed_by_model": {SONNET45: 0.5},
+        "closed_incomplete": False,
+        "tokens": [10, 0, 0, 0],
+        "bad_lines": 2,
+        "warned": [],
+        "model_keys": [SONNET45],
+        "started": True,
+        "result_cost": None,
+        "result_by_model": {},
+        "open_cost": 0.03,
+        "open_by_model": {SONNET45: 0.03},
+        "open_fallback": False,
+        "last_model": SONNET45,
+        "models": [SONNET45],
+        "window": [["m1", 0, 10000, 0, 0, 0, 0, 0, 0.03]],
+    }
+    led = TranscriptLedger.load(v1, PriceTable())
+    assert led.cost == pytest.approx(0.53)
+    assert led.settled == pytest.approx(0.5)
+    assert led.attempts == 2
+    assert led.bad_lines == 2
+    # The remembered message is still recognised.
+    assert not led.feed(assistant("m1", input_tokens=10000))
+    led.feed(result(0.04))
+    assert led.cost == pytest.approx(0.54)

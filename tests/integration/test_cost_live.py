@@ -195,3 +195,39 @@ def test_runs_appended_to_one_transcript_are_summed_settled_and_estimated(
         if after["cost_delta"] < 0:
             assert after["settled_cost"] > before["settled_cost"]
     assert math.isclose(sum(c["cost_delta"] for c in costs), last["current_cost"], abs_tol=1e-9)
+
+
+def test_an_agent_that_settled_calibrates_another_agents_estimate(
+    backend: Backend, writer: AdwWriter, start_agent: StartAgent
+) -> None:
+    def message(msg_id: str) -> dict[str, Any]:
+        # 10,000 input tokens of Sonnet 4.5: $0.03 at list prices.
+        return {
+            "type": "assistant",
+            "message": {
+                "id": msg_id,
+                "model": "claude-sonnet-4-5-20250929",
+                "usage": {"input_tokens": 10_000, "output_tokens": 0},
+            },
+        }
+
+    start_agent()
+    writer.start_attempt("planner")
+    writer.start_attempt("builder")
+    # The planner's CLI charged twice the list price (helper calls, say): ratio 2.
+    writer.append("planner", message("p1"), {"type": "result", "total_cost_usd": 0.06})
+    writer.append("builder", message("b1"))
+
+    def calibrated(events: list[dict[str, Any]]) -> bool:
+        data = last_cost(events)
+        return data is not None and math.isclose(data["current_cost"], 0.12, abs_tol=1e-9)
+
+    data = last_cost(backend.wait_for(calibrated))
+    assert data is not None
+    assert data["settled_cost"] == pytest.approx(0.06, abs=1e-9)
+    assert data["estimated_share"] == pytest.approx(0.5, abs=1e-6)
+    assert data["breakdown"]["by_agent"] == {
+        "planner": pytest.approx(0.06, abs=1e-9),
+        "builder": pytest.approx(0.06, abs=1e-9),
+    }
+    assert data["final"] is False
