@@ -80,10 +80,9 @@ def test_retry_attempt_truncating_the_file_keeps_the_first_attempts_cost(
     writer.start_attempt("sdlc_planner")  # reopened with "w": the file shrinks to 0
     writer.append("sdlc_planner", *second)
     events = backend.wait_for(cost_reaches(result_cost(first) + result_cost(second)))
-    assert (
-        last_cost(events)["breakdown"]["by_agent"]["sdlc_planner"]
-        == last_cost(events)["current_cost"]
-    )  # type: ignore[index]
+    data = last_cost(events)
+    assert data is not None
+    assert data["breakdown"]["by_agent"]["sdlc_planner"] == data["current_cost"]
 
 
 def test_kill_9_between_appends_neither_loses_nor_double_counts(
@@ -98,18 +97,21 @@ def test_kill_9_between_appends_neither_loses_nor_double_counts(
         # Wait until the agent has taken these lines into account (a cost_update arrived after
         # the write), then kill it before it can do anything else.
         seen = len(backend.events("cost_update"))
-        backend.wait_for(
-            lambda evs, seen=seen: len([e for e in evs if e["type"] == "cost_update"]) > seen
-        )
+
+        def another_update(evs: list[dict[str, Any]], seen: int = seen) -> bool:
+            return len([e for e in evs if e["type"] == "cost_update"]) > seen
+
+        backend.wait_for(another_update)
         agent.kill9()
         agent = start_agent().wait_started()
-    events = backend.wait_for(cost_reaches(result_cost(lines)))
-    assert math.isclose(last_cost(events)["current_cost"], result_cost(lines), abs_tol=1e-9)  # type: ignore[index]
+    data = last_cost(backend.wait_for(cost_reaches(result_cost(lines))))
+    assert data is not None
+    assert math.isclose(data["current_cost"], result_cost(lines), abs_tol=1e-9)
     assert agent.stop() == 0
     # Nothing arrived later that moved the figure.
-    assert math.isclose(
-        last_cost(backend.events())["current_cost"], result_cost(lines), abs_tol=1e-9
-    )  # type: ignore[index]
+    data = last_cost(backend.events())
+    assert data is not None
+    assert math.isclose(data["current_cost"], result_cost(lines), abs_tol=1e-9)
 
 
 def test_phase_cost_is_what_accrued_while_the_phase_was_current(
