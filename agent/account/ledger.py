@@ -2,9 +2,11 @@
 
 A transcript holds one or more *attempts*. An attempt is one Claude Code process: it begins
 with a ``system``/``init`` line, and a line naming a new ``session_id`` or a truncated or
-replaced file begins one too. A ``result`` line's ``total_cost_usd`` is the running total of
-its own process, so a later result line of the same attempt replaces an earlier one and never
-touches another attempt. A transcript's cost is the sum over its attempts:
+replaced file begins one too. An init line of the attempt's own session before the attempt
+has a result line is the same process announcing another turn, not a new attempt. A
+``result`` line's ``total_cost_usd`` is the running total of its own process, so a later
+result line of the same attempt replaces an earlier one and never touches another attempt.
+A transcript's cost is the sum over its attempts:
 
 - the *settled* part: every attempt's last trusted ``total_cost_usd``;
 - the *estimated* part: the messages no result line covers yet (those after an attempt's last
@@ -541,7 +543,13 @@ class TranscriptLedger:
             session = None
         changed = False
         if kind == "system" and line.get("subtype") == "init":
-            changed = self._begin(session, _version(line.get("claude_code_version")))
+            if not (self._started and session is not None and session == self._session):
+                changed = self._begin(session, _version(line.get("claude_code_version")))
+            elif self._settled is not None:
+                # The same session after its result line: a process resumed with --resume.
+                changed = self._begin(session, _version(line.get("claude_code_version")))
+            # Otherwise the same process announced a new turn (newer CLIs do so for background
+            # task notifications) before any result: it is still the same attempt.
         elif session is not None and session != self._session:
             if self._session is None:
                 self._session = session

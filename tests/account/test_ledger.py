@@ -1078,3 +1078,16 @@ def test_a_state_saved_by_the_previous_version_still_loads() -> None:
     assert not led.feed(assistant("m1", input_tokens=10000))
     led.feed(result(0.04))
     assert led.cost == pytest.approx(0.54)
+
+
+def test_a_second_init_of_the_same_session_before_its_result_is_the_same_attempt() -> None:
+    # Newer CLIs write another init line in the same process (a background task's turn);
+    # the process's one result line covers both parts.
+    run = raw_lines(STREAM / "gleam_v2.1.7_basic_query_golden.jsonl")
+    [total] = results_in(run)
+    init = next(line for line in run if b'"init"' in line)
+    body = [line for line in run if line is not init and b'"type":"result"' not in line]
+    result_line = next(line for line in run if b'"type":"result"' in line)
+    led = fed([init, *body, init, *body, result_line])
+    assert led.attempts == 1
+    assert led.cost == pytest.approx(total, abs=1e-12)
