@@ -124,6 +124,7 @@ def test_several_runs_appended_to_one_file_are_summed() -> None:
     )
     # Three settled runs and the estimate of the fourth, which has no result line yet.
     assert report["current_cost"] > settled
+    assert report["settled_cost"] == pytest.approx(settled, abs=1e-9)
     assert report["final"] is False
     [transcript] = report["transcripts"]
     assert transcript["attempts"] == 4
