@@ -47,7 +47,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent.account import Calibration, PriceTable, Tokens, TranscriptLedger, WindowBudget, fold_key
+from agent.account import (
+    PriceTable,
+    Tokens,
+    TranscriptLedger,
+    WindowBudget,
+    fold_key,
+    run_figures,
+)
 from agent.config import Config
 from agent.errors import ReadError, StorageError
 from agent.events import Source
@@ -573,11 +580,8 @@ class Pipeline:
         if not ledgers and not frozen and not force:
             return
         saved = self._saved_cost(b.tx)
-        # One ratio for the whole run: the agents that settled first calibrate the rest.
-        calibration = Calibration()
-        for ledger in ledgers.values():
-            calibration = calibration + ledger.calibration
-        figures = {agent: ledger.figure(calibration.ratio) for agent, ledger in ledgers.items()}
+        # The agents that settled first calibrate the rest (see agent.account.ledger).
+        figures = run_figures(ledgers)
         by_agent = {agent: figure.cost for agent, figure in figures.items()}
         for agent in frozen:
             by_agent[agent] = float(saved["by_agent"].get(agent, 0.0))

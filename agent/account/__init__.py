@@ -21,6 +21,7 @@ from agent.account.ledger import (
     WindowBudget,
     fold_key,
     relevant,
+    run_figures,
 )
 from agent.account.offline import TranscriptCost, cost_of_path
 from agent.account.prices import WEB_SEARCH_USD, Prices, PriceTable, family_key
@@ -47,4 +48,5 @@ __all__ = [
     "family_key",
     "fold_key",
     "relevant",
+    "run_figures",
 ]

@@ -17,13 +17,17 @@ Per-message ``output_tokens`` are often the value sent when the message started 
 a message's output is taken as the larger of the reported count and its content's length
 (text, thinking and tool inputs) divided by :data:`CHARS_PER_TOKEN`.
 
-Calibration: every result line that settles priced messages gives a pair (USD the result
-added, message-priced estimate of those messages). The ratio of the sums over a run's settled
-attempts, bounded to [:data:`MIN_RATIO`, :data:`MAX_RATIO`] and 1 until
-:data:`MIN_EVIDENCE_USD` of estimates have settled, scales every unsettled estimate. It
-covers what messages never show: helper-model calls and a CLI's own price quirks. The ratio
-changes only when a result line arrives, so the figure goes down only when a result line
-corrects an estimate.
+Calibration: every result line that settles priced messages records the USD it added, the
+message-priced estimate of those messages, and the part of the USD that ``modelUsage`` puts on
+the models those messages named. A ratio of such sums, bounded to [:data:`MIN_RATIO`,
+:data:`MAX_RATIO`] and 1 until :data:`MIN_EVIDENCE_USD` of estimates have settled, scales
+unsettled estimates (:func:`run_figures`). A transcript with settled evidence of its own uses
+its own full ratio, which covers its helper-model calls and its CLI's prices. A transcript
+without any takes only the run's *shown* ratio: a CLI's price quirks and hidden calls of the
+models the messages name hold for every agent of a run, but helper-model calls are one agent's
+habit (a planner may spend a fifth of its bill on them, a builder nothing), and scaling
+another agent by them would push its live figure past its bill. The ratios change only when a
+result line arrives, so the figure goes down only when a result line corrects an estimate.
 
 Resumed sessions: each process reports only its own spend (Claude Code's cost-tracking
 documentation: "each query() call within a session reports its cost independently"), except
@@ -48,7 +52,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -71,6 +75,7 @@ __all__ = [
     "WindowBudget",
     "fold_key",
     "relevant",
+    "run_figures",
 ]
 
 _log = logging.getLogger("agent.account")
@@ -138,22 +143,42 @@ class Tokens:
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """Settled USD and the message-priced estimate of the same messages, summed."""
+    """Settled USD and the message-priced estimate of the same messages, summed.
+
+    ``shown`` is the part of ``settled`` that result lines charge to the models the settled
+    messages named; the rest went to models no message shows (helper-model calls).
+    """
 
     settled: float = 0.0
     estimate: float = 0.0
+    shown: float = 0.0
 
     def __add__(self, other: Calibration) -> Calibration:
         if not isinstance(other, Calibration):
             return NotImplemented
-        return Calibration(self.settled + other.settled, self.estimate + other.estimate)
+        return Calibration(
+            self.settled + other.settled, self.estimate + other.estimate, self.shown + other.shown
+        )
+
+    @property
+    def known(self) -> bool:
+        """Whether enough estimates have settled to learn from."""
+        return self.estimate >= MIN_EVIDENCE_USD
 
     @property
     def ratio(self) -> float:
-        """What an unsettled estimate is multiplied by."""
-        if self.estimate < MIN_EVIDENCE_USD:
+        """What an unsettled estimate of the same transcript is multiplied by."""
+        return self._bounded(self.settled)
+
+    @property
+    def shown_ratio(self) -> float:
+        """What scales the estimates of a transcript that has no evidence of its own."""
+        return self._bounded(self.shown)
+
+    def _bounded(self, usd: float) -> float:
+        if not self.known:
             return 1.0
-        return min(max(self.settled / self.estimate, MIN_RATIO), MAX_RATIO)
+        return min(max(usd / self.estimate, MIN_RATIO), MAX_RATIO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +207,21 @@ class WindowBudget:
         self.total = total
         self.floor = floor
         self.used = 0
+
+
+_K = TypeVar("_K")
+
+
+def run_figures(ledgers: Mapping[_K, TranscriptLedger]) -> dict[_K, Figure]:
+    """The figure of every transcript of one run, each calibrated as the module docstring says."""
+    run = Calibration()
+    for led in ledgers.values():
+        run = run + led.calibration
+    figures: dict[_K, Figure] = {}
+    for key, led in ledgers.items():
+        own = led.calibration
+        figures[key] = led.figure(own.ratio if own.known else run.shown_ratio)
+    return figures
 
 
 def _release(budget: WindowBudget, window: OrderedDict[str, _Msg]) -> None:
@@ -701,7 +741,12 @@ class TranscriptLedger:
             self._add_model(by_model, self._last_model or UNATTRIBUTED, remainder)
         added = total - (self._settled or 0.0)
         if added > 0 and self._open_raw > 0:
-            self._calibration = self._calibration + Calibration(added, self._open_raw)
+            # modelUsage covers the whole process; the share the messages' models take of it
+            # is taken to hold for what this result added.
+            shown = math.fsum(v for m, v in by_model.items() if m in self._open_by_model)
+            fraction = min(max(shown / total, 0.0), 1.0)
+            evidence = Calibration(added, self._open_raw, added * fraction)
+            self._calibration = self._calibration + evidence
         changed = (
             self._settled != total or self._open_raw != 0.0 or self._settled_by_model != by_model
         )
@@ -756,7 +801,11 @@ class TranscriptLedger:
             "closed_raw": self._closed_raw,
             "closed_raw_by_model": self._closed_raw_by_model,
             "closed_incomplete": self._closed_incomplete,
-            "calibration": [self._calibration.settled, self._calibration.estimate],
+            "calibration": [
+                self._calibration.settled,
+                self._calibration.estimate,
+                self._calibration.shown,
+            ],
             "sessions": [[s, t] for s, t in self._sessions.items()],
             "tokens": list(self._tokens),
             "bad_lines": self._bad_lines,
@@ -802,8 +851,12 @@ class TranscriptLedger:
             ledger._closed_raw = float(data["closed_raw"])
             ledger._closed_raw_by_model = _float_map(data["closed_raw_by_model"])
             ledger._closed_incomplete = bool(data["closed_incomplete"])
-            cal_settled, cal_estimate = (float(x) for x in data["calibration"])
-            ledger._calibration = Calibration(cal_settled, cal_estimate)
+            calibration = [float(x) for x in data["calibration"]]
+            if len(calibration) == 2:
+                # Saved before helper-model calls were told apart: all of it counts as shown.
+                calibration.append(calibration[0])
+            cal_settled, cal_estimate, cal_shown = calibration
+            ledger._calibration = Calibration(cal_settled, cal_estimate, cal_shown)
             for session, total in data["sessions"][-_MAX_SESSIONS:]:
                 ledger._sessions[str(session)] = float(total)
             tokens = [int(t) for t in data["tokens"]]

@@ -1,7 +1,7 @@
 """One-shot costing for ``adw-agent cost``: every transcript a path names, in one pass each.
 
-The transcripts found under one path are taken as one run: the calibration ratio that scales
-their unsettled estimates comes from all of their settled attempts together, as in the agent.
+The transcripts found under one path are taken as one run: their unsettled estimates are
+calibrated by their settled attempts together, as in the agent (:func:`run_figures`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.account.ledger import Calibration, Tokens, TranscriptLedger
+from agent.account.ledger import Tokens, TranscriptLedger, run_figures
 from agent.account.prices import PriceTable
 from agent.read import TRANSCRIPT
 from agent.transcript import TranscriptReader
@@ -96,19 +96,16 @@ def cost_of_path(
     symlinked PATH file raises :class:`~agent.transcript.UnsafeFile`).
     ``bad_lines`` counts lines that could matter but could not be used, as
     :meth:`TranscriptLedger.feed_chunk` does for the running agent. Unsettled estimates
-    are scaled by the ratio learnt from every settled attempt under PATH.
+    are calibrated by every settled attempt under PATH, as :func:`run_figures` says.
     """
     read: list[tuple[Path, TranscriptLedger, int]] = []
     for transcript in _transcripts(path):
         ledger, lines = _ledger_of_file(transcript, prices, max_line_bytes, on_warning)
         read.append((transcript, ledger, lines))
-    calibration = Calibration()
-    for _, ledger, _ in read:
-        calibration = calibration + ledger.calibration
-    ratio = calibration.ratio
+    figures = run_figures({transcript: ledger for transcript, ledger, _ in read})
     results = []
     for transcript, ledger, lines in read:
-        figure = ledger.figure(ratio)
+        figure = figures[transcript]
         results.append(
             TranscriptCost(
                 path=str(transcript),

@@ -24,6 +24,7 @@ from agent.account import (
     WindowBudget,
     cost_of_path,
     relevant,
+    run_figures,
 )
 from agent.transcript import Chunk, Position, parse_line
 from tests.account.common import (
@@ -869,6 +870,53 @@ def test_the_live_figure_never_overshoots_and_only_falls_at_a_result(path: Path)
         previous = now
     final = led.cost
     assert max(figures, default=0.0) <= 1.10 * final + 1e-12
+
+
+def test_a_helper_heavy_agent_does_not_push_another_agents_live_figure_past_the_bill(
+    tmp_path: Path,
+) -> None:
+    # The planner settled first; 19 % of its bill is helper-model calls its messages never
+    # show. Those are the planner's own: the builder's live figure must not be scaled by them.
+    planner = raw_lines(STREAM / "pricehawk_v2.0.55_planner_sonnet45_3models.jsonl")
+    builder = raw_lines(STREAM / "pricehawk_v2.0.55_builder_opus45_32turns.jsonl")
+    (tmp_path / "planner").mkdir()
+    (tmp_path / "planner" / "raw_output.jsonl").write_bytes(b"".join(planner))
+    (tmp_path / "builder").mkdir()
+    final = math.fsum(results_in(planner) + results_in(builder))
+    previous = 0.0
+    for n in range(len(builder) + 1):
+        (tmp_path / "builder" / "raw_output.jsonl").write_bytes(b"".join(builder[:n]))
+        now = math.fsum(c.cost for c in cost_of_path(tmp_path, PriceTable()))
+        assert now <= 1.10 * final, f"line {n}: {now / final:.1%} of the bill"
+        if n and b'"type":"result"' not in builder[n - 1]:
+            assert now >= previous - 1e-12, f"line {n}: the figure went down"
+        previous = now
+    assert previous == pytest.approx(final, abs=1e-9)
+
+
+def test_helper_model_calls_calibrate_only_their_own_transcript() -> None:
+    planner, _ = ledger()
+    planner.feed(assistant("p", input_tokens=10_000))  # $0.03 of Sonnet at list prices
+    # A fifth of the bill went to a helper model that no message shows.
+    planner.feed(result(0.045, {SONNET45: 0.036, HAIKU45: 0.009}))
+    assert planner.calibration.ratio == pytest.approx(1.5)
+    assert planner.calibration.shown_ratio == pytest.approx(1.2)
+    builder, _ = ledger()
+    builder.feed(assistant("b", input_tokens=10_000))
+    figures = run_figures({"planner": planner, "builder": builder})
+    assert figures["planner"].cost == pytest.approx(0.045)
+    # Only the Sonnet price the planner's CLI charged carries over to the builder.
+    assert figures["builder"].cost == pytest.approx(0.036)
+    # A transcript with settled runs of its own is scaled by its own full ratio.
+    planner.feed({"type": "system", "subtype": "init", "session_id": "again"})
+    planner.feed(assistant("p2", input_tokens=10_000))
+    figures = run_figures({"planner": planner, "builder": builder})
+    assert figures["planner"].cost == pytest.approx(0.045 + 0.045)
+    # The split survives a dump and load; a state without it counts everything as shown.
+    again = TranscriptLedger.load(orjson.loads(orjson.dumps(planner.dump())), PriceTable())
+    assert again.calibration == planner.calibration
+    older = {**planner.dump(), "calibration": [0.045, 0.03]}
+    assert TranscriptLedger.load(older, PriceTable()).calibration.shown_ratio == 1.5
 
 
 def test_the_multi_run_fixtures_are_all_covered() -> None:
