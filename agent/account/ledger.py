@@ -651,7 +651,9 @@ class TranscriptLedger:
             return False
         new_usage = usage if bigger else old
         new_chars = min(known.chars + chars, MAX_COUNT)
-        estimate = self._estimate(known.model, new_usage, new_chars)
+        # Only a result line may lower the figure, so a message is never worth less than
+        # before, even if its largest snapshot moved tokens to a cheaper kind.
+        estimate = max(self._estimate(known.model, new_usage, new_chars), known.estimate)
         self._open_raw += estimate - known.estimate
         self._add_model(self._open_by_model, known.model, estimate - known.estimate)
         if bigger:

@@ -383,6 +383,16 @@ def test_token_totals_saturate_instead_of_overflowing() -> None:
     orjson.dumps(led.dump())
 
 
+def test_a_bigger_but_cheaper_snapshot_does_not_lower_the_figure() -> None:
+    led, _ = ledger()
+    led.feed(assistant("m1", output_tokens=1000))  # $0.015
+    before = led.cost
+    # More tokens in all, but cheap ones: the message is not worth less than it was.
+    led.feed(assistant("m1", input_tokens=1001))
+    assert led.cost >= before
+    assert led.tokens.input == 1001
+
+
 def test_message_without_id_is_counted_per_line() -> None:
     led, _ = ledger()
     led.feed(assistant(None, input_tokens=1000))
