@@ -486,7 +486,9 @@ class Pipeline:
                 ledger = TranscriptLedger(self.prices, warn, self._window_size, self._budget)
             else:
                 position = Position.load(saved["position"])
-                ledger = TranscriptLedger.load(saved["ledger"], self.prices, warn, self._budget)
+                ledger = TranscriptLedger.load(
+                    saved["ledger"], self.prices, warn, self._budget, self._window_size
+                )
         except (KeyError, TypeError, ValueError) as exc:  # TypeError: a row that is not a blob
             self._frozen.add(key)
             self._warnings.warn(

@@ -834,11 +834,14 @@ class TranscriptLedger:
         prices: PriceTable,
         on_warning: Callable[[str], None] | None = None,
         budget: WindowBudget | None = None,
+        window: int | None = None,
     ) -> TranscriptLedger:
         """Rebuild a ledger from :meth:`dump` output; ``ValueError`` if it is malformed.
 
-        States saved by the previous version (1) load too: what they had closed counts as
-        settled, and their remembered messages as having no content.
+        ``window`` replaces the saved window size, so a smaller configured one bounds the
+        restored ledger too (its newest ids are kept). States saved by the previous version
+        (1) load too: what they had closed counts as settled, and their remembered messages as
+        having no content.
         """
         try:
             version = data["v"]
@@ -846,7 +849,8 @@ class TranscriptLedger:
                 raise ValueError(f"unsupported ledger state version {version!r}")
             if version == 1:
                 data = _upgrade_v1(data)
-            ledger = cls(prices, on_warning, int(data["window_size"]), budget)
+            size = int(data["window_size"]) if window is None else window
+            ledger = cls(prices, on_warning, size, budget)
             ledger._attempts = int(data["attempts"])
             ledger._closed_settled = float(data["closed_settled"])
             ledger._closed_settled_by_model = _float_map(data["closed_settled_by_model"])

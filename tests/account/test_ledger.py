@@ -1104,6 +1104,18 @@ def test_without_a_budget_the_window_alone_bounds_one_ledger() -> None:
     assert led.remembered == 16
 
 
+def test_a_smaller_configured_window_bounds_a_restored_ledger() -> None:
+    led, _ = ledger(window=64)
+    for i in range(64):
+        led.feed(assistant(f"m{i}", input_tokens=10))
+    restored = TranscriptLedger.load(led.dump(), PriceTable(), window=16)
+    assert restored.remembered == 16
+    assert restored.cost == led.cost
+    # The newest ids are the ones kept.
+    assert not restored.feed(assistant("m63", input_tokens=10))
+    assert TranscriptLedger.load(led.dump(), PriceTable()).remembered == 64
+
+
 def test_a_state_saved_by_the_previous_version_still_loads() -> None:
     # What version 1 saved mid-attempt: one closed attempt, one message in the window.
     v1 = {
