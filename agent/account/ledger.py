@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent.account.prices import WEB_SEARCH_USD, PriceTable
+from agent.account.prices import WEB_SEARCH_USD, PriceTable, family_key
 from agent.transcript import Chunk, parse_line
 
 __all__ = [
@@ -745,7 +745,7 @@ class TranscriptLedger:
         if added > 0 and self._open_raw > 0:
             # modelUsage covers the whole process; the share the messages' models take of it
             # is taken to hold for what this result added.
-            shown = math.fsum(v for m, v in by_model.items() if m in self._open_by_model)
+            shown = math.fsum(v for m, v in by_model.items() if self._named(m))
             fraction = min(max(shown / total, 0.0), 1.0)
             evidence = Calibration(added, self._open_raw, added * fraction)
             self._calibration = self._calibration + evidence
@@ -766,6 +766,18 @@ class TranscriptLedger:
             if len(self._sessions) > _MAX_SESSIONS:
                 self._sessions.popitem(last=False)
         return changed
+
+    def _named(self, model: str) -> bool:
+        """Whether a ``modelUsage`` key is a model the open messages named.
+
+        Compared by family too: a provider may spell the id differently in ``modelUsage``
+        (``us.anthropic.…-v1:0``, a ``[1m]`` suffix), and taking the messages' own model for
+        a helper would scale every other agent down.
+        """
+        if model in self._open_by_model:
+            return True
+        family = family_key(model)
+        return family is not None and any(family_key(m) == family for m in self._open_by_model)
 
     def new_attempt(self) -> None:
         """Close the current attempt: a new process started, or the file was truncated.

@@ -929,6 +929,15 @@ def test_helper_model_calls_calibrate_only_their_own_transcript() -> None:
     assert TranscriptLedger.load(older, PriceTable()).calibration.shown_ratio == 1.5
 
 
+def test_a_model_spelt_differently_in_model_usage_still_counts_as_shown() -> None:
+    # Provider-prefixed or context-suffixed ids in modelUsage name the messages' own model.
+    for spelling in ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", f"{SONNET45}[1m]"):
+        led, _ = ledger()
+        led.feed(assistant("m", input_tokens=10_000))
+        led.feed(result(0.03, {spelling: 0.03}))
+        assert led.calibration.shown_ratio == pytest.approx(1.0), spelling
+
+
 def test_the_multi_run_fixtures_are_all_covered() -> None:
     assert len(list(MULTI.glob("*.jsonl"))) == 4
     assert {p.name for p in MULTI.glob("*.jsonl")} <= {p.name for p in REAL_TRANSCRIPTS}
