@@ -726,3 +726,33 @@ def test_a_problem_is_warned_once_and_again_after_the_file_read_fine(
             transcript.unlink()
     assert len(warnings_about(caplog, errorlog)) == 2
     assert len(warnings_about(caplog, transcript)) == 2
+
+
+def test_a_helper_heavy_agent_does_not_lift_another_agents_figure_past_the_bill(
+    run: Run,
+) -> None:
+    # The planner spent a fifth of its bill on helper models; the builder, read line by line
+    # (and across a restart), must not be scaled by that.
+    planner = fixture_lines("pricehawk_v2.0.55_planner_sonnet45_3models.jsonl")
+    builder = fixture_lines("pricehawk_v2.0.55_builder_opus45_32turns.jsonl")
+    final = sum(
+        json.loads(line)["total_cost_usd"]
+        for line in planner + builder
+        if json.loads(line).get("type") == "result"
+    )
+    run.write.append("planner", *planner)
+    run.process("agent:planner")
+    previous = 0.0
+    for i, line in enumerate(builder):
+        if i == len(builder) // 2:
+            run.restart()
+        run.write.append("builder", line)
+        for event in run.process("agent:builder"):
+            if event["type"] != "cost_update":
+                continue
+            data = event["data"]
+            assert data["current_cost"] <= 1.10 * final, f"line {i}"
+            if b'"type":"result"' not in line:
+                assert data["cost_delta"] >= 0, f"line {i}"
+            previous = data["current_cost"]
+    assert previous == pytest.approx(final, abs=1e-9)
