@@ -21,13 +21,15 @@ Calibration: every result line that settles priced messages records the USD it a
 message-priced estimate of those messages, and the part of the USD that ``modelUsage`` puts on
 the models those messages named. A ratio of such sums, bounded to [:data:`MIN_RATIO`,
 :data:`MAX_RATIO`] and 1 until :data:`MIN_EVIDENCE_USD` of estimates have settled, scales
-unsettled estimates (:func:`run_figures`). A transcript with settled evidence of its own uses
-its own full ratio, which covers its helper-model calls and its CLI's prices. A transcript
-without any takes only the run's *shown* ratio: a CLI's price quirks and hidden calls of the
+unsettled estimates (:func:`run_figures`). A transcript's ratio pools its own evidence in
+full, which covers its helper-model calls and its CLI's prices, with the other transcripts'
+evidence counted only for its *shown* part. A CLI's price quirks and hidden calls of the
 models the messages name hold for every agent of a run, but helper-model calls are one agent's
 habit (a planner may spend a fifth of its bill on them, a builder nothing), and scaling
-another agent by them would push its live figure past its bill. The ratios change only when a
-result line arrives, so the figure goes down only when a result line corrects an estimate.
+another agent by them would push its live figure past its bill. Pooling also keeps one small
+settled attempt of a transcript (where a helper's fixed cost looms large) from setting the
+ratio of its big retry alone. The ratios change only when a result line arrives, so the
+figure goes down only when a result line corrects an estimate.
 
 Resumed sessions: each process reports only its own spend (Claude Code's cost-tracking
 documentation: "each query() call within a session reports its cost independently"), except
@@ -220,7 +222,12 @@ def run_figures(ledgers: Mapping[_K, TranscriptLedger]) -> dict[_K, Figure]:
     figures: dict[_K, Figure] = {}
     for key, led in ledgers.items():
         own = led.calibration
-        figures[key] = led.figure(own.ratio if own.known else run.shown_ratio)
+        # The other transcripts' evidence, without their helper-model calls. Subtracted from
+        # the run's sums rather than summed again, so a batch stays linear in transcripts.
+        others_shown = max(run.shown - own.shown, 0.0)
+        others_estimate = max(run.estimate - own.estimate, 0.0)
+        evidence = Calibration(own.settled + others_shown, own.estimate + others_estimate)
+        figures[key] = led.figure(evidence.ratio)
     return figures
 
 

@@ -922,6 +922,17 @@ def test_helper_model_calls_calibrate_only_their_own_transcript() -> None:
     planner.feed(assistant("p2", input_tokens=10_000))
     figures = run_figures({"planner": planner, "builder": builder})
     assert figures["planner"].cost == pytest.approx(0.045 + 0.045)
+    # ... pooled with what the others' messages' models show: a small first attempt whose
+    # bill was mostly a helper's fixed cost does not set the ratio of a big retry alone.
+    retried, _ = ledger()
+    retried.feed(assistant("r1", input_tokens=4000))  # $0.012
+    retried.feed(result(0.036, {SONNET45: 0.012, HAIKU45: 0.024}))
+    retried.feed({"type": "system", "subtype": "init", "session_id": "retry"})
+    retried.feed(assistant("r2", input_tokens=100_000))  # $0.30
+    assert retried.calibration.ratio == pytest.approx(3.0)
+    figures = run_figures({"planner": planner, "retried": retried})
+    # (0.036 + 0.036) / (0.012 + 0.03) of the retry's $0.30, not three times it.
+    assert figures["retried"].cost == pytest.approx(0.036 + 0.30 * 0.072 / 0.042)
     # The split survives a dump and load; a state without it counts everything as shown.
     again = TranscriptLedger.load(orjson.loads(orjson.dumps(planner.dump())), PriceTable())
     assert again.calibration == planner.calibration
