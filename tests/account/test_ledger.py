@@ -949,6 +949,35 @@ def test_a_model_spelt_differently_in_model_usage_still_counts_as_shown() -> Non
         assert led.calibration.shown_ratio == pytest.approx(1.0), spelling
 
 
+# Every real transcript with a result line, except the one whose CLI charged 5/3 of the list
+# price (see BENCHMARKS.md): a run mixes no CLI versions, so the pairs below never pair it.
+LIST_PRICED = [
+    p for p in REAL_TRANSCRIPTS if b'"type":"result"' in p.read_bytes() and "cli2144" not in p.name
+]
+
+
+@pytest.mark.parametrize("settled_first", LIST_PRICED, ids=lambda p: p.name)
+def test_a_run_of_two_real_agents_stays_within_its_bill(settled_first: Path) -> None:
+    first, _ = ledger()
+    for raw in raw_lines(settled_first):
+        if (parsed := parse_line(raw)) is not None:
+            first.feed(parsed)
+    for path in LIST_PRICED:
+        if path == settled_first:
+            continue
+        led, _ = ledger()
+        previous, peak = 0.0, 0.0
+        for raw in raw_lines(path):
+            if (parsed := parse_line(raw)) is None:
+                continue
+            led.feed(parsed)
+            now = math.fsum(f.cost for f in run_figures({"a": first, "b": led}).values())
+            if parsed.get("type") != "result":
+                assert now >= previous - 1e-12, f"{path.name}: went down"
+            previous, peak = now, max(peak, now)
+        assert peak <= 1.10 * previous + 1e-12, f"{path.name}: {peak / previous:.1%}"
+
+
 def test_the_multi_run_fixtures_are_all_covered() -> None:
     assert len(list(MULTI.glob("*.jsonl"))) == 4
     assert {p.name for p in MULTI.glob("*.jsonl")} <= {p.name for p in REAL_TRANSCRIPTS}
