@@ -47,7 +47,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent.account import PriceTable, Tokens, TranscriptLedger, fold_key
+from agent.account import (
+    PriceTable,
+    Tokens,
+    TranscriptLedger,
+    WindowBudget,
+    fold_key,
+    run_figures,
+)
 from agent.config import Config
 from agent.errors import ReadError, StorageError
 from agent.events import Source
@@ -162,6 +169,8 @@ class Pipeline:
         self.store = store
         self.run_dir = config.adw.dir
         self.prices = PriceTable.from_config(config.cost)
+        self._window_size = config.limits.dedup_window
+        self._budget = WindowBudget(config.limits.dedup_total)
         self._transcripts: dict[str, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
         self._frozen: set[str] = set()
@@ -473,10 +482,13 @@ class Pipeline:
         try:
             saved = tx.get_json(key)
             if saved is None:
-                position, ledger = None, TranscriptLedger(self.prices, warn)
+                position = None
+                ledger = TranscriptLedger(self.prices, warn, self._window_size, self._budget)
             else:
                 position = Position.load(saved["position"])
-                ledger = TranscriptLedger.load(saved["ledger"], self.prices, warn)
+                ledger = TranscriptLedger.load(
+                    saved["ledger"], self.prices, warn, self._budget, self._window_size
+                )
         except (KeyError, TypeError, ValueError) as exc:  # TypeError: a row that is not a blob
             self._frozen.add(key)
             self._warnings.warn(
@@ -570,22 +582,31 @@ class Pipeline:
         if not ledgers and not frozen and not force:
             return
         saved = self._saved_cost(b.tx)
-        by_agent = {agent: ledger.cost for agent, ledger in ledgers.items()}
+        # The agents that settled first calibrate the rest (see agent.account.ledger).
+        figures = run_figures(ledgers)
+        by_agent = {agent: figure.cost for agent, figure in figures.items()}
         for agent in frozen:
             by_agent[agent] = float(saved["by_agent"].get(agent, 0.0))
         total = math.fsum(by_agent.values())
+        settled = math.fsum(figure.settled for figure in figures.values())
+        estimated_share = min(max((total - settled) / total, 0.0), 1.0) if total > 0 else 0.0
         tokens = Tokens()
         by_model: dict[str, float] = {}
         for agent in sorted(ledgers):
             tokens = tokens + ledgers[agent].tokens
-            for model, usd in sorted(ledgers[agent].by_model.items()):
+            for model, usd in sorted(figures[agent].by_model.items()):
                 key = fold_key(model, by_model, _MAX_MODELS)
                 by_model[key] = by_model.get(key, 0.0) + usd
         final = bool(ledgers) and not frozen and all(lg.final for lg in ledgers.values())
         complete = not frozen and all(lg.estimate_complete for lg in ledgers.values())
         token_list = [tokens.input, tokens.output, tokens.cache_creation, tokens.cache_read]
         delta = total - saved["reported"]
-        unchanged = abs(delta) < 1e-12 and saved["final"] == final and saved["tokens"] == token_list
+        unchanged = (
+            abs(delta) < 1e-12
+            and saved["final"] == final
+            and saved["tokens"] == token_list
+            and abs(settled - saved.get("settled", settled)) < 1e-12
+        )
         if unchanged and not force:
             return
         by_phase: dict[str, float] = saved["by_phase"]
@@ -598,6 +619,8 @@ class Pipeline:
                 "current_cost": round(total, 10),
                 "cost_delta": round(delta, 10),
                 "final": final,
+                "settled_cost": round(settled, 10),
+                "estimated_share": round(estimated_share, 6),
                 "current_phase": self.current_phase(b.tx),
                 "estimate_complete": complete,
                 "breakdown": {
@@ -620,5 +643,6 @@ class Pipeline:
             "final": final,
             "tokens": token_list,
             "by_agent": by_agent,
+            "settled": settled,
         }
         b.tx.put_json("cost", record)

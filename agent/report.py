@@ -26,6 +26,7 @@ def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
     """The JSON shape of ``adw-agent cost``."""
     return {
         "current_cost": round(math.fsum(c.cost for c in costs), 10),
+        "settled_cost": round(math.fsum(c.settled for c in costs), 10),
         "final": bool(costs) and all(c.final for c in costs),
         "estimate_complete": all(c.estimate_complete for c in costs),
         "transcripts": [
@@ -33,6 +34,7 @@ def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
                 "path": c.path,
                 "agent": c.agent,
                 "cost": round(c.cost, 10),
+                "settled": round(c.settled, 10),
                 "final": c.final,
                 "estimate_complete": c.estimate_complete,
                 "attempts": c.attempts,

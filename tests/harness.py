@@ -401,7 +401,7 @@ class AdwWriter:
 
 def fixture_lines(name: str) -> list[bytes]:
     """The lines (with newlines) of a transcript fixture, found in either fixture folder."""
-    for folder in ("real", "claude_stream"):
+    for folder in ("real", "claude_stream", "multi_run"):
         path = FIXTURES / folder / name
         if path.exists():
             return path.read_bytes().splitlines(keepends=True)

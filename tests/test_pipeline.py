@@ -575,21 +575,27 @@ def test_a_backlog_longer_than_one_batch_is_charged_before_the_phase_changes(
     # Over the reader's 1 MiB reads, so the transcript takes several batches; the result line
     # at the end covers every message before it.
     padding = "x" * 1000
+    init, *rest = fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+    # The messages belong to the fixture's own attempt: after its init line.
     lines = [
-        orjson.dumps(
-            {
-                "type": "assistant",
-                "message": {
-                    "id": f"m{i}",
-                    "model": "claude-sonnet-4-5",
-                    "usage": {"input_tokens": 1000},
-                    "content": [{"type": "text", "text": padding}],
-                },
-            }
-        )
-        + b"\n"
-        for i in range(3000)
-    ] + fixture_lines("tac7iso_raw_output_55b761f6_sdlc_planner_cli2022.jsonl")
+        init,
+        *[
+            orjson.dumps(
+                {
+                    "type": "assistant",
+                    "message": {
+                        "id": f"m{i}",
+                        "model": "claude-sonnet-4-5",
+                        "usage": {"input_tokens": 1000},
+                        "content": [{"type": "text", "text": padding}],
+                    },
+                }
+            )
+            + b"\n"
+            for i in range(3000)
+        ],
+        *rest,
+    ]
     run.write.phases([], "Plan")
     run.process("phases")
     run.write.append("planner", *lines)
@@ -720,3 +726,33 @@ def test_a_problem_is_warned_once_and_again_after_the_file_read_fine(
             transcript.unlink()
     assert len(warnings_about(caplog, errorlog)) == 2
     assert len(warnings_about(caplog, transcript)) == 2
+
+
+def test_a_helper_heavy_agent_does_not_lift_another_agents_figure_past_the_bill(
+    run: Run,
+) -> None:
+    # The planner spent a fifth of its bill on helper models; the builder, read line by line
+    # (and across a restart), must not be scaled by that.
+    planner = fixture_lines("pricehawk_v2.0.55_planner_sonnet45_3models.jsonl")
+    builder = fixture_lines("pricehawk_v2.0.55_builder_opus45_32turns.jsonl")
+    final = sum(
+        json.loads(line)["total_cost_usd"]
+        for line in planner + builder
+        if json.loads(line).get("type") == "result"
+    )
+    run.write.append("planner", *planner)
+    run.process("agent:planner")
+    previous = 0.0
+    for i, line in enumerate(builder):
+        if i == len(builder) // 2:
+            run.restart()
+        run.write.append("builder", line)
+        for event in run.process("agent:builder"):
+            if event["type"] != "cost_update":
+                continue
+            data = event["data"]
+            assert data["current_cost"] <= 1.10 * final, f"line {i}"
+            if b'"type":"result"' not in line:
+                assert data["cost_delta"] >= 0, f"line {i}"
+            previous = data["current_cost"]
+    assert previous == pytest.approx(final, abs=1e-9)

@@ -86,3 +86,45 @@ def test_cost_of_a_missing_path_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1
     assert "no such file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_poisoned_lines_are_counted_and_never_a_traceback(tmp_path: Path) -> None:
+    def nested(depth: int) -> bytes:
+        return b'{"a":' * depth + b"1" + b"}" * depth
+
+    path = tmp_path / "raw_output.jsonl"
+    path.write_bytes(
+        b'{"type":"assistant","message":{"id":"m","usage":' + nested(1000) + b"}}\n"
+        b'{"type":"result","total_cost_usd":' + nested(1000) + b"}\n"
+        b'{"type":"result","total_cost_usd":' + nested(5000) + b"}\n"
+        b'{"type":"assistant","message":{"id":"m2","model":"claude-sonnet-4-5",'
+        b'"usage":{"input_tokens":1000}}}\n'
+        b'{"type":"result","total_cost_usd":5.0}\n'
+    )
+    done = run_cli("cost", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    assert report["current_cost"] == 5.0
+    [transcript] = report["transcripts"]
+    # The two results that cannot be trusted; a usage object without any known count is
+    # an empty one, as everywhere else.
+    assert transcript["bad_lines"] == 2
+
+
+def test_several_runs_appended_to_one_file_are_summed() -> None:
+    path = FIXTURES / "multi_run" / "gymnastics_rundown_system_4runs.jsonl"
+    done = run_cli("cost", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    settled = math.fsum(
+        json.loads(line)["total_cost_usd"]
+        for line in path.read_bytes().splitlines()
+        if b'"type":"result"' in line
+    )
+    # Three settled runs and the estimate of the fourth, which has no result line yet.
+    assert report["current_cost"] > settled
+    assert report["settled_cost"] == pytest.approx(settled, abs=1e-9)
+    assert report["final"] is False
+    [transcript] = report["transcripts"]
+    assert transcript["attempts"] == 4

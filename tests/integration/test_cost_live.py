@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from tests.harness import AdwWriter, AgentProcess, Backend, fixture_lines
 
@@ -77,10 +80,9 @@ def test_retry_attempt_truncating_the_file_keeps_the_first_attempts_cost(
     writer.start_attempt("sdlc_planner")  # reopened with "w": the file shrinks to 0
     writer.append("sdlc_planner", *second)
     events = backend.wait_for(cost_reaches(result_cost(first) + result_cost(second)))
-    assert (
-        last_cost(events)["breakdown"]["by_agent"]["sdlc_planner"]
-        == last_cost(events)["current_cost"]
-    )  # type: ignore[index]
+    data = last_cost(events)
+    assert data is not None
+    assert data["breakdown"]["by_agent"]["sdlc_planner"] == data["current_cost"]
 
 
 def test_kill_9_between_appends_neither_loses_nor_double_counts(
@@ -95,18 +97,21 @@ def test_kill_9_between_appends_neither_loses_nor_double_counts(
         # Wait until the agent has taken these lines into account (a cost_update arrived after
         # the write), then kill it before it can do anything else.
         seen = len(backend.events("cost_update"))
-        backend.wait_for(
-            lambda evs, seen=seen: len([e for e in evs if e["type"] == "cost_update"]) > seen
-        )
+
+        def another_update(evs: list[dict[str, Any]], seen: int = seen) -> bool:
+            return len([e for e in evs if e["type"] == "cost_update"]) > seen
+
+        backend.wait_for(another_update)
         agent.kill9()
         agent = start_agent().wait_started()
-    events = backend.wait_for(cost_reaches(result_cost(lines)))
-    assert math.isclose(last_cost(events)["current_cost"], result_cost(lines), abs_tol=1e-9)  # type: ignore[index]
+    data = last_cost(backend.wait_for(cost_reaches(result_cost(lines))))
+    assert data is not None
+    assert math.isclose(data["current_cost"], result_cost(lines), abs_tol=1e-9)
     assert agent.stop() == 0
     # Nothing arrived later that moved the figure.
-    assert math.isclose(
-        last_cost(backend.events())["current_cost"], result_cost(lines), abs_tol=1e-9
-    )  # type: ignore[index]
+    data = last_cost(backend.events())
+    assert data is not None
+    assert math.isclose(data["current_cost"], result_cost(lines), abs_tol=1e-9)
 
 
 def test_phase_cost_is_what_accrued_while_the_phase_was_current(
@@ -154,3 +159,77 @@ def test_killed_run_without_result_reports_an_estimate_that_is_not_final(
     # The init line alone costs nothing, but the run is no longer final.
     events = backend.wait_for(cost_reaches(result_cost(planner), final=False))
     assert set(last_cost(events)["breakdown"]["by_agent"]) == {"sdlc_planner", "branch_generator"}  # type: ignore[index]
+
+
+def test_runs_appended_to_one_transcript_are_summed_settled_and_estimated(
+    backend: Backend, writer: AdwWriter, start_agent: StartAgent
+) -> None:
+    # A real loop log: four runs appended one after another, the last one unfinished.
+    lines = fixture_lines("gymnastics_rundown_system_4runs.jsonl")
+    totals = [
+        float(json.loads(line)["total_cost_usd"])
+        for line in lines
+        if b'"type":"result"' in line.replace(b" ", b"")
+    ]
+    settled = math.fsum(totals)
+    start_agent()
+    writer.start_attempt("builder")
+    for start in range(0, len(lines), 40):
+        writer.append("builder", *lines[start : start + 40])
+
+    def all_in(events: list[dict[str, Any]]) -> bool:
+        data = last_cost(events)
+        return (
+            data is not None
+            and data["settled_cost"] is not None
+            and math.isclose(data["settled_cost"], settled, abs_tol=1e-9)
+            and data["current_cost"] > settled
+        )
+
+    events = backend.wait_for(all_in)
+    costs = [e["data"] for e in events if e["type"] == "cost_update"]
+    last = costs[-1]
+    assert last["final"] is False
+    estimated = last["current_cost"] - settled
+    assert last["estimated_share"] == pytest.approx(estimated / last["current_cost"], abs=1e-6)
+    # The figure only falls in an update where a result line settled something.
+    for before, after in itertools.pairwise(costs):
+        if after["cost_delta"] < 0:
+            assert after["settled_cost"] > before["settled_cost"]
+    assert math.isclose(sum(c["cost_delta"] for c in costs), last["current_cost"], abs_tol=1e-9)
+
+
+def test_an_agent_that_settled_calibrates_another_agents_estimate(
+    backend: Backend, writer: AdwWriter, start_agent: StartAgent
+) -> None:
+    def message(msg_id: str) -> dict[str, Any]:
+        # 10,000 input tokens of Sonnet 4.5: $0.03 at list prices.
+        return {
+            "type": "assistant",
+            "message": {
+                "id": msg_id,
+                "model": "claude-sonnet-4-5-20250929",
+                "usage": {"input_tokens": 10_000, "output_tokens": 0},
+            },
+        }
+
+    start_agent()
+    writer.start_attempt("planner")
+    writer.start_attempt("builder")
+    # The planner's CLI charged twice the list price (helper calls, say): ratio 2.
+    writer.append("planner", message("p1"), {"type": "result", "total_cost_usd": 0.06})
+    writer.append("builder", message("b1"))
+
+    def calibrated(events: list[dict[str, Any]]) -> bool:
+        data = last_cost(events)
+        return data is not None and math.isclose(data["current_cost"], 0.12, abs_tol=1e-9)
+
+    data = last_cost(backend.wait_for(calibrated))
+    assert data is not None
+    assert data["settled_cost"] == pytest.approx(0.06, abs=1e-9)
+    assert data["estimated_share"] == pytest.approx(0.5, abs=1e-6)
+    assert data["breakdown"]["by_agent"] == {
+        "planner": pytest.approx(0.06, abs=1e-9),
+        "builder": pytest.approx(0.06, abs=1e-9),
+    }
+    assert data["final"] is False

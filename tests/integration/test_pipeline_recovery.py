@@ -118,7 +118,7 @@ def test_a_damaged_saved_transcript_state_is_warned_and_the_agent_starts(
     with db:
         row = db.execute("SELECT value FROM files WHERE key = 'transcript:sdlc_planner'")
         saved = json.loads(row.fetchone()[0])
-        saved["ledger"]["v"] = 2
+        saved["ledger"]["v"] = 99
         db.execute(
             "UPDATE files SET value = ? WHERE key = 'transcript:sdlc_planner'",
             (json.dumps(saved).encode(),),

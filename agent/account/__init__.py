@@ -1,0 +1,52 @@
+"""Exact running cost of Claude Code stream-json transcripts.
+
+- :mod:`agent.account.prices`: the price table, model matching and ``[cost]`` overrides;
+- :mod:`agent.account.ledger`: one transcript's ledger: attempts, deduplication, calibration;
+- :mod:`agent.account.offline`: ``adw-agent cost``, a path costed in one pass.
+"""
+
+from agent.account.ledger import (
+    CHARS_PER_TOKEN,
+    MAX_COUNT,
+    MAX_NAME,
+    MAX_RESULT_USD,
+    MAX_TOKEN_TOTAL,
+    OTHER,
+    RESUME_CARRIES_TOTALS,
+    UNATTRIBUTED,
+    Calibration,
+    Figure,
+    Tokens,
+    TranscriptLedger,
+    WindowBudget,
+    fold_key,
+    relevant,
+    run_figures,
+)
+from agent.account.offline import TranscriptCost, cost_of_path
+from agent.account.prices import WEB_SEARCH_USD, Prices, PriceTable, family_key
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "MAX_COUNT",
+    "MAX_NAME",
+    "MAX_RESULT_USD",
+    "MAX_TOKEN_TOTAL",
+    "OTHER",
+    "RESUME_CARRIES_TOTALS",
+    "UNATTRIBUTED",
+    "WEB_SEARCH_USD",
+    "Calibration",
+    "Figure",
+    "PriceTable",
+    "Prices",
+    "Tokens",
+    "TranscriptCost",
+    "TranscriptLedger",
+    "WindowBudget",
+    "cost_of_path",
+    "family_key",
+    "fold_key",
+    "relevant",
+    "run_figures",
+]
