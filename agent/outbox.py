@@ -262,6 +262,45 @@ class Store:
         self.sent_floor = max(self.sent_floor, row[0])
         return Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
 
+    def head_batch(self, limit: int) -> list[Queued]:
+        """The oldest ``limit`` queued events, in seq order (empty when none are queued)."""
+        try:
+            rows = self.db.execute(
+                "SELECT seq, event_id, type, created, attempts, body FROM outbox "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
+        if rows:
+            self.sent_floor = max(self.sent_floor, rows[-1][0])
+        return [Queued(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def ack_many(self, seqs: list[int]) -> None:
+        """The backend accepted these events: they leave the outbox in one transaction.
+
+        Committed without waiting for the disk, like :meth:`ack` and for the same reasons.
+        """
+        if not seqs:
+            return
+        relax = self._synchronous == "FULL"
+        try:
+            if relax:
+                self.db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with self.transaction() as tx:
+                    self.db.executemany(
+                        "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs]
+                    )
+                    tx.set_meta(
+                        "last_delivery", {"at": time.time(), "result": "ok", "seq": max(seqs)}
+                    )
+            finally:
+                if relax:
+                    self.db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+
     def depth(self) -> int:
         """How many events are queued. Unlike :meth:`head`, this changes nothing."""
         try:

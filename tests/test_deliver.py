@@ -215,7 +215,15 @@ def config(tmp_path: Path) -> Config:
         f'[storage]\ndir = "{tmp_path / "storage"}"\n'
         "[delivery]\nbackoff_initial = 0.01\nbackoff_max = 0.05\n"
     )
-    return load(path, {"ADW_AGENT_TOKEN": TOKEN})
+    # One event per request: the tests of the batch route below use batch_config.
+    return load(path, {"ADW_AGENT_TOKEN": TOKEN, "ADW_AGENT_DELIVERY__BATCH_MAX": "1"})
+
+
+@pytest.fixture
+def batch_config(config: Config) -> Config:
+    return config.model_copy(
+        update={"delivery": config.delivery.model_copy(update={"batch_max": 100})}
+    )
 
 
 @pytest.fixture
