@@ -44,8 +44,10 @@ def _any_form(char: str) -> str:
 def add_secret(secret: str) -> None:
     """Redact ``secret`` from every later log line and :func:`redact` result."""
     if secret and secret not in _secrets:
+        # Longest first: a secret that contains another is redacted whole.
         _secrets.append(secret)
-        _patterns.append(re.compile("".join(_any_form(c) for c in secret)))
+        _secrets.sort(key=len, reverse=True)
+        _patterns[:] = [re.compile("".join(_any_form(c) for c in s)) for s in _secrets]
 
 
 def redact(text: str) -> str:
