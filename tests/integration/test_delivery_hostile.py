@@ -244,6 +244,7 @@ def test_adw_agent_receive_takes_batches(
         assert len({e["event_id"] for e in events}) == len(events)  # each once
         assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
         assert not [e for e in agent.logs() if "takes no batches" in e["message"]]
+        assert [e for e in agent.logs() if e["message"] == "events delivered"]
     finally:
         receiver.send_signal(signal.SIGINT)
         receiver.wait(10)
