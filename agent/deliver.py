@@ -1,9 +1,11 @@
 """Delivering queued events to the backend, in seq order, over one keep-alive connection.
 
-The sender takes the oldest event in the outbox and POSTs it until the backend answers. Retryable
-failures (see :mod:`agent.errors`) are retried with capped exponential backoff and jitter, for
-ever, honouring ``Retry-After``; a permanent rejection moves the event to the dead letters. Only a
-2xx removes an event from the outbox, so a crash at any point means it is sent again, with the
+The sender takes the oldest events in the outbox, up to ``delivery.batch_max``, and POSTs them
+as one JSON array until the backend answers (or one event per request, for a backend without
+the batch route). Retryable failures (see :mod:`agent.errors`) are retried with capped
+exponential backoff and jitter, for ever, honouring ``Retry-After``; a permanent rejection of a
+batch splits it, and a permanent rejection of one event moves it to the dead letters. Only a
+2xx removes events from the outbox, so a crash at any point means they are sent again, with the
 same ``event_id``.
 """
 
