@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.outbox import Store
 from bench.common import Agent, base_state, events, free_port, populate_run_dir, write_state
+from bench.procstat import sample
 from bench.receiver import ReceiverProcess, Record
 from tests.harness import ROOT
 
@@ -162,6 +163,7 @@ def drain_once(work: Path, count: int, batch_max: int, url: str | None = None) -
     prefill(agent.storage, agent.adw_id, count)
     db = Store.inspect(agent.storage)
     agent.start()
+    pids = [agent.pid] + ([receiver.proc.pid] if receiver is not None else [])
     try:
         # Poll the outbox: the last moment all of the backlog was queued, and the first
         # moment none of it was. Each poll is a few microseconds; the error is one interval.
@@ -172,12 +174,15 @@ def drain_once(work: Path, count: int, batch_max: int, url: str | None = None) -
             if time.monotonic() > deadline or not agent.proc.running():
                 raise RuntimeError(f"the agent never delivered; see {agent.log}")
             time.sleep(0.002)
+        # CPU from here on: the drain's, not start-up's (tick resolution, 10 ms).
+        cpu_before = [sample(pid).cpu_s for pid in pids]
         while left:
             if time.monotonic() > deadline or not agent.proc.running():
                 raise RuntimeError(f"drain incomplete ({left} left); see {agent.log}")
             time.sleep(0.002)
             left = _left(db, count)
         end = time.perf_counter()
+        cpu = [sample(pid).cpu_s - before for pid, before in zip(pids, cpu_before, strict=True)]
     finally:
         db.close()
         agent.stop()
@@ -188,7 +193,11 @@ def drain_once(work: Path, count: int, batch_max: int, url: str | None = None) -
         "events": count,
         "drain_s": round(end - begin, 4),
         "events_per_s": round(count / (end - begin), 1),
+        # CPU per 1,000 events: what the machine's load changes least.
+        "agent_cpu_ms_per_1000": round(cpu[0] * 1e6 / count, 1),
     }
+    if receiver is not None:
+        result["receiver_cpu_ms_per_1000"] = round(cpu[1] * 1e6 / count, 1)
     if receiver is not None:
         got = [e for e in receiver.received() if e["type"] == "phase_update"]
         seqs = [e["seq"] for e in got if e["seq"] <= count]
@@ -208,12 +217,20 @@ def compare(
     summary: dict[str, Any] = {}
     for mode, rows in results.items():
         rates = [r["events_per_s"] for r in rows]
+        agent_cpu = [r["agent_cpu_ms_per_1000"] for r in rows]
+        receiver_cpu = [r.get("receiver_cpu_ms_per_1000") for r in rows]
         summary[mode] = {
             "events": rows[0]["events"],
             "runs": len(rows),
             "median_events_per_s": round(statistics.median(rates), 1),
             "min_events_per_s": min(rates),
             "max_events_per_s": max(rates),
+            "agent_cpu_ms_per_1000": round(statistics.median(agent_cpu), 1),
+            "receiver_cpu_ms_per_1000": (
+                round(statistics.median([c for c in receiver_cpu if c is not None]), 1)
+                if None not in receiver_cpu
+                else None
+            ),
             "all_delivered_in_order": all(
                 r.get("delivered", r["events"]) == r["events"] and r.get("in_seq_order", True)
                 for r in rows
@@ -240,12 +257,16 @@ def main() -> None:
         print(json.dumps(summary, indent=2))
         return
     target = args.url or "adw-agent receive"
-    print(f"drain into {target}, {args.runs} runs each (events/s: median [min-max])")
+    print(
+        f"drain into {target}, {args.runs} runs each: events/s median [min-max]; "
+        "CPU ms per 1,000 events (median) of the agent / the receiver"
+    )
     for mode, label in (("batched", "batches of 100"), ("single", "one per request")):
         s = summary[mode]
         print(
             f"  {label:<16} {s['events']:>6} events  {s['median_events_per_s']:>9.1f}"
             f"  [{s['min_events_per_s']:.1f}-{s['max_events_per_s']:.1f}]"
+            f"  cpu {s['agent_cpu_ms_per_1000']} / {s['receiver_cpu_ms_per_1000']}"
             f"  all delivered in order: {s['all_delivered_in_order']}"
         )
 
