@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -249,6 +250,23 @@ def test_head_and_ack_go_in_seq_order(store: Store) -> None:
     assert [e.seq for e in delivered] == [1, 2]
     assert store.head() is None
     assert store.meta("last_delivery")["result"] == "ok"
+
+
+def test_a_batch_is_the_oldest_events_in_seq_order_and_never_altered(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_update", workflow(["a"], status="one"))
+    emit(store, "phase_update", phase("b", []))
+    batch = store.head_batch(2)
+    assert [e.seq for e in batch] == [1, 2]
+    assert store.sent_floor == 2
+    # The workflow_update in the batch may be on its way: a newer one does not replace it.
+    emit(store, "workflow_update", workflow(["b"], status="two"))
+    assert [e["seq"] for e in queued(store)] == [1, 2, 3, 4]
+    store.ack_many([e.seq for e in batch])
+    assert [e.seq for e in store.head_batch(100)] == [3, 4]
+    assert store.meta("last_delivery") == {"at": ANY, "result": "ok", "seq": 2}
+    store.ack_many([])
+    assert store.depth() == 2
 
 
 def test_record_failure_keeps_the_event(store: Store) -> None:
