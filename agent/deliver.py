@@ -49,6 +49,9 @@ log = logging.getLogger("adw_agent.deliver")
 RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
 #: Answers on the batch route that mean the backend does not have it.
 NO_BATCH_STATUS = frozenset({404, 405})
+#: The most bytes of events in one batch (an event larger than this goes alone): memory and
+#: the backend's request size stay bounded whatever the events hold.
+BATCH_BYTES = 1024 * 1024
 #: The longest a ``Retry-After`` is honoured; a longer one is cut to this.
 MAX_RETRY_AFTER = 600.0
 # Slack on top of an exchange or wait before the sender counts as stalled: the store writes
@@ -298,7 +301,7 @@ class Sender:
             batch: list[Queued] = []
             try:
                 limit = self._config.delivery.batch_max if self._batching else 1
-                batch = self._store.head_batch(limit)
+                batch = self._store.head_batch(limit, BATCH_BYTES)
                 if not batch:
                     self._due = None
                     self._wake.clear()

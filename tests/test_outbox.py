@@ -269,6 +269,16 @@ def test_a_batch_is_the_oldest_events_in_seq_order_and_never_altered(store: Stor
     assert store.depth() == 2
 
 
+def test_a_batch_stops_before_max_bytes_but_always_holds_the_oldest(store: Store) -> None:
+    for reason in ("a" * 5000, "b", "c" * 5000, "d"):
+        emit(store, "workflow_failed", failed(reason))
+    sizes = [len(e.body) for e in store.head_batch(10)]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] - 1)] == [1]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] + sizes[1])] == [1, 2]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sum(sizes))] == [1, 2, 3, 4]
+    assert [e.seq for e in store.head_batch(3, max_bytes=sum(sizes))] == [1, 2, 3]
+
+
 def test_record_failure_keeps_the_event(store: Store) -> None:
     emit(store, "workflow_failed", failed("a"))
     store.record_failure(1, "backend answered 503")
