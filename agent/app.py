@@ -494,10 +494,12 @@ class Agent:
         if now >= t.outbox:
             t.outbox = now + _OUTBOX_POLL
             self.sender.wake()
+            self.sender.check_progress()
         if self.notifier.watchdog_interval is not None and now >= t.watchdog:
             t.watchdog = now + self.notifier.watchdog_interval
             watching = self._watch_paused or self.watcher.alive()
-            if watching and self.sender_task is not None and not self.sender_task.done():
+            sending = self.sender_task is not None and not self.sender_task.done()
+            if watching and sending and not self.sender.check_progress():
                 self.notifier.send("WATCHDOG=1", self._status_line())
             else:
                 log.error("watcher or sender is not running; withholding the watchdog ping")

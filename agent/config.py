@@ -73,6 +73,7 @@ class BackendSection(_Section):
     url: str
     token_file: Path | None = None
     event_path: str = "/api/v1/event/{type}"
+    batch_path: str = "/api/v1/events"
     connect_timeout: PositiveFloat = 3.0
     timeout: PositiveFloat = 10.0
     ca_bundle: Path | None = None
@@ -94,6 +95,13 @@ class BackendSection(_Section):
         except ValueError as exc:
             raise ValueError("has an invalid port") from exc
         return value.rstrip("/")
+
+    @field_validator("batch_path")
+    @classmethod
+    def _valid_batch_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
 
     @field_validator("event_path")
     @classmethod
@@ -140,6 +148,7 @@ class DeliverySection(_Section):
     backoff_initial: PositiveFloat = 0.2
     backoff_max: PositiveFloat = 30.0
     drain_timeout: NonNegativeFloat = 5.0
+    batch_max: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class IntervalsSection(_Section):

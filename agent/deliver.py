@@ -1,24 +1,29 @@
 """Delivering queued events to the backend, in seq order, over one keep-alive connection.
 
-The sender takes the oldest event in the outbox and POSTs it until the backend answers. Retryable
-failures (see :mod:`agent.errors`) are retried with capped exponential backoff and jitter, for
-ever, honouring ``Retry-After``; a permanent rejection moves the event to the dead letters. Only a
-2xx removes an event from the outbox, so a crash at any point means it is sent again, with the
+The sender takes the oldest events in the outbox, up to ``delivery.batch_max``, and POSTs them
+as one JSON array until the backend answers (or one event per request, for a backend without
+the batch route). Retryable failures (see :mod:`agent.errors`) are retried with capped
+exponential backoff and jitter, for ever, honouring ``Retry-After``; a permanent rejection of a
+batch splits it, and a permanent rejection of one event moves it to the dead letters. Only a
+2xx removes events from the outbox, so a crash at any point means they are sent again, with the
 same ``event_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import hashlib
 import logging
 import math
 import random
+import sqlite3
 import ssl
 import time
 from datetime import UTC
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -35,15 +40,25 @@ from agent import __version__
 from agent.config import Config
 from agent.errors import DeliveryError, PermanentDelivery, RetryableDelivery, StorageError
 from agent.events import check_data, envelope
-from agent.logs import add_secret, redact
+from agent.logs import add_secret, redact, redact_excerpt
 from agent.outbox import STORAGE_RETRY, Queued, Store
 
 log = logging.getLogger("adw_agent.deliver")
 
 
 RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
+#: Answers on the batch route that mean the backend does not have it.
+NO_BATCH_STATUS = frozenset({404, 405})
+#: The most bytes of events in one batch (an event larger than this goes alone): memory and
+#: the backend's request size stay bounded whatever the events hold.
+BATCH_BYTES = 1024 * 1024
+#: The longest a ``Retry-After`` is honoured; a longer one is cut to this.
 MAX_RETRY_AFTER = 600.0
+# Slack on top of an exchange or wait before the sender counts as stalled: the store writes
+# around an exchange, a busy event loop.
+_GRACE = 5.0
 _RESPONSE_EXCERPT = 2000
+_LOCATION_MAX = 200
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -84,6 +99,40 @@ async def read_excerpt(response: httpx.Response, limit: int = _RESPONSE_EXCERPT)
     return data[:limit].decode("utf-8", errors="replace")
 
 
+class Redirected(RetryableDelivery):
+    """A 3xx: the backend URL is wrong (redirects are never followed), not the event."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int,
+        body: str,
+        retry_after: float | None,
+        *,
+        location: str,
+    ) -> None:
+        super().__init__(message, status, body, retry_after)
+        self.location = location
+
+
+def clean_location(value: str | None) -> str:
+    """A ``Location`` fit to log: without userinfo, query or fragment, and cut short."""
+    if not value:
+        return "(no Location)"
+    try:
+        parts = urlsplit(value.strip())
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(an unparsable Location)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    clean = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    printable = "".join(c if c.isprintable() else "?" for c in clean)
+    return redact(printable[:_LOCATION_MAX]) or "(an empty Location)"
+
+
 def classify(response: httpx.Response, body: str) -> None:
     """Raise the delivery error a non-2xx response means; return for a 2xx.
 
@@ -93,6 +142,15 @@ def classify(response: httpx.Response, body: str) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
+    if 300 <= status < 400:
+        location = clean_location(response.headers.get("location"))
+        raise Redirected(
+            f"backend answered {status} redirecting to {location} (not followed)",
+            status,
+            body,
+            retry_after_seconds(response.headers.get("retry-after")),
+            location=location,
+        )
     if status in RETRYABLE_STATUS or status >= 500:
         raise RetryableDelivery(
             f"backend answered {status}",
@@ -162,53 +220,109 @@ def build_client(
     )
 
 
+class _NoBatchRoute(Exception):
+    """The backend has no batch route: send one event per request from now on."""
+
+
 class Sender:
-    """Moves events from the outbox to the backend. Runs as one task on the event loop."""
+    """Moves events from the outbox to the backend. Runs as one task on the event loop.
+
+    Events go out in batches of up to ``delivery.batch_max`` on ``backend.batch_path``, in seq
+    order, or one per request on ``backend.event_path`` when ``batch_max`` is 1 or the backend
+    answered 404/405 on the batch route (until the next reload).
+    """
 
     def __init__(self, config: Config, store: Store, client: httpx.AsyncClient) -> None:
         self._config = config
         self._store = store
         self._client = client
         self._wake = asyncio.Event()
+        # Set by a reload that changed the backend: the current wait ends at once.
+        self._backend_changed = asyncio.Event()
         self._auth_warned = False
         self._storage_warned = False
+        self._redirect_logged: str | None = None
+        self._batching = config.delivery.batch_max > 1
+        # By when (monotonic) the current exchange or wait must be over; None while idle.
+        self._due: float | None = None
         self.last_error: str | None = None
+        #: Why delivery cannot make progress on its own (a redirect, a stalled sender), or
+        #: None. Also kept in the store's meta ``sender`` for ``status`` and ``healthcheck``.
+        self.problem: str | None = None
+        with contextlib.suppress(sqlite3.Error):
+            # A problem recorded before a restart stays reported until delivery succeeds.
+            saved = store.meta("sender")
+            if isinstance(saved, dict) and isinstance(saved.get("problem"), str):
+                self.problem = saved["problem"]
+        self.stalled = False
 
     def wake(self) -> None:
         """New events were queued."""
         self._wake.set()
 
     def replace_client(self, config: Config, client: httpx.AsyncClient) -> httpx.AsyncClient:
-        """Use a new backend configuration from the next attempt on; returns the old client."""
-        old, self._client, self._config = self._client, client, config
+        """Use a new backend configuration from the next attempt on; returns the old client.
+
+        If the backend (or the token) changed, a backoff or ``Retry-After`` wait in progress
+        ends now: the new backend is tried at once. Whether the backend takes batches is
+        found out again.
+        """
+        old, self._client = self._client, client
+        if config.backend != self._config.backend or config.token != self._config.token:
+            self._backend_changed.set()
+        self._config = config
+        self._batching = config.delivery.batch_max > 1
         return old
+
+    def check_progress(self, now: float | None = None) -> bool:
+        """Whether the sender is stalled: busy past the longest an exchange plus the wait
+        after it may take. Logged and recorded once when it starts; called by the main loop,
+        which then withholds the watchdog ping."""
+        now = time.monotonic() if now is None else now
+        stalled = self._due is not None and now > self._due
+        if stalled and not self.stalled:
+            overdue = now - (self._due or now)
+            log.error(
+                "the sender has made no progress for longer than an exchange and its retry "
+                "wait may take (%.0fs overdue)",
+                overdue,
+            )
+            self._set_problem("the sender has stopped making progress")
+        elif not stalled and self.stalled:
+            self._set_problem(None)
+        self.stalled = stalled
+        return stalled
 
     async def run(self) -> None:
         """Deliver until cancelled. This is the sender's loop boundary: no error ends it. A
         store that cannot be used, or anything unexpected, is logged and tried again after a
         pause, with the event left queued."""
         while True:
-            event: Queued | None = None
+            batch: list[Queued] = []
             try:
-                event = self._store.head()
-                if event is None:
+                limit = self._config.delivery.batch_max if self._batching else 1
+                batch = self._store.head_batch(limit, BATCH_BYTES)
+                if not batch:
+                    self._due = None
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await self._deliver(event)
+                await self._deliver(batch)
                 self._storage_warned = False
+            except _NoBatchRoute:
+                continue  # the same events again, one per request
             except StorageError as exc:
                 # The event stays queued and is sent again under the same event_id once the
                 # store works. Said once, not on every try.
                 if not self._storage_warned:
                     self._storage_warned = True
-                    extra = _fields(event) if event is not None else {}
+                    extra = _fields(batch[0]) if batch else {}
                     log.error("sender cannot use the store: %s", exc, extra=extra)
-                await asyncio.sleep(STORAGE_RETRY)
+                await self._pause(STORAGE_RETRY)
             except Exception:
-                extra = _fields(event) if event is not None else {}
+                extra = _fields(batch[0]) if batch else {}
                 log.exception("unexpected error in the sender; trying again", extra=extra)
-                await asyncio.sleep(STORAGE_RETRY)
+                await self._pause(STORAGE_RETRY)
 
     async def send_direct(self, event_type: str, data: dict[str, Any]) -> bool:
         """POST one event that could not be queued because the store cannot be written.
@@ -230,19 +344,51 @@ class Sender:
         """Nothing left to send."""
         return self._store.depth() == 0
 
-    async def _deliver(self, event: Queued) -> None:
+    async def _pause(self, seconds: float) -> None:
+        self._due = time.monotonic() + seconds + _GRACE
+        await asyncio.sleep(seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        """The wait before a retry; a reload that changes the backend ends it."""
+        self._due = time.monotonic() + seconds + _GRACE
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._backend_changed.wait(), seconds)
+            log.info("the backend configuration changed; retrying now")
+
+    async def _deliver(self, batch: list[Queued]) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableDelivery),
             wait=_Backoff(self._config.delivery.backoff_initial, self._config.delivery.backoff_max),
             stop=stop_never,
-            before_sleep=lambda state: self._failed(event, state),
+            before_sleep=lambda state: self._failed(batch, state),
+            sleep=self._sleep,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._post(event)
+                    # A reload from here on ends the wait that may follow this attempt.
+                    self._backend_changed.clear()
+                    self._due = time.monotonic() + self._config.backend.timeout + _GRACE
+                    if self._batching:
+                        await self._post_batch(batch)
+                    else:
+                        await self._post(batch[0])
         except PermanentDelivery as exc:
+            if len(batch) > 1:
+                # One transaction on the backend's side: nothing of the batch was kept. Halve
+                # it until only the rejected events are left, in seq order.
+                log.warning(
+                    "backend rejected a batch of %d events (%s); splitting it",
+                    len(batch),
+                    exc.status,
+                    extra=_fields(batch[0], last_seq=batch[-1].seq),
+                )
+                middle = len(batch) // 2
+                await self._deliver(batch[:middle])
+                await self._deliver(batch[middle:])
+                return
+            event = batch[0]
             log.error(
                 "event dead-lettered: %s",
                 exc,
@@ -250,10 +396,57 @@ class Sender:
             )
             self.last_error = str(exc)
             self._store.dead_letter(event, exc.status, exc.body)
+            self._delivered()
             return
-        self._store.ack(event.seq)
+        self._store.ack_many([event.seq for event in batch])
         self._auth_warned = False
         self.last_error = None
+        self._delivered()
+
+    def _delivered(self) -> None:
+        """The backend gave a verdict: whatever kept delivery from progressing is over."""
+        self._redirect_logged = None
+        if self.problem is not None and not self.stalled:
+            self._set_problem(None)
+
+    def _set_problem(self, problem: str | None) -> None:
+        self.problem = problem
+        try:
+            self._store.set_meta("sender", {"problem": problem, "since": time.time()})
+        except StorageError as exc:
+            log.error("cannot record the sender's state: %s", exc)
+
+    async def _post_batch(self, batch: list[Queued]) -> None:
+        body = b"[" + b",".join(event.body for event in batch) + b"]"
+        # Each event keeps its event_id for the backend to deduplicate by; the key names
+        # this very set of events, so a retried request carries the same one.
+        ids = ",".join(event.event_id for event in batch).encode()
+        key = "batch-" + hashlib.sha256(ids).hexdigest()[:32]
+        request = self._client.build_request(
+            "POST", self._config.backend.batch_path, content=body, headers={"Idempotency-Key": key}
+        )
+        started = time.perf_counter()
+        response, excerpt = await self._exchange(request)
+        if response.status_code in NO_BATCH_STATUS:
+            self._batching = False
+            log.warning(
+                "backend answered %s on %s: it takes no batches; sending one event per "
+                "request on %s until the configuration is reloaded",
+                response.status_code,
+                self._config.backend.batch_path,
+                self._config.backend.event_path,
+            )
+            raise _NoBatchRoute
+        classify(response, excerpt)
+        log.debug(
+            "events delivered",
+            extra=_fields(
+                batch[0],
+                last_seq=batch[-1].seq,
+                events=len(batch),
+                latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            ),
+        )
 
     async def _post(self, event: Queued) -> None:
         path = self._config.backend.event_path.replace("{type}", event.type)
@@ -261,12 +454,32 @@ class Sender:
         request = self._client.build_request(
             "POST", path, content=event.body, headers={"Idempotency-Key": event.event_id}
         )
+        response, excerpt = await self._exchange(request)
+        classify(response, excerpt)
+        log.debug(
+            "event delivered",
+            extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),
+        )
+
+    async def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, str]:
+        """Send ``request``; the answer and an excerpt of its body, with the token redacted.
+
+        ``backend.timeout`` bounds the whole exchange, whatever the backend does: httpx's
+        own timeouts apply to each read, and a backend that drips its answer a byte at a
+        time, or sends ``102 Processing`` over and over, would hold every read open.
+        """
+        limit = self._config.backend.timeout
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                body = await read_excerpt(response)
-            finally:
-                await response.aclose()
+            async with asyncio.timeout(limit):
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = await read_excerpt(response)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise RetryableDelivery(
+                f"timed out: the exchange took longer than backend.timeout ({limit:g}s)"
+            ) from None
         except httpx.TimeoutException as exc:
             raise RetryableDelivery(f"timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
@@ -274,20 +487,31 @@ class Sender:
         except httpx.HTTPError as exc:
             # E.g. a body that cannot be decoded: the backend may answer properly next time.
             raise RetryableDelivery(f"request failed ({type(exc).__name__})") from None
-        # The excerpt is kept and logged: a careless backend may echo the token back.
-        classify(response, redact(body))
-        log.debug(
-            "event delivered",
-            extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),
-        )
+        # The excerpt is kept and logged: a careless backend may echo the token back, in
+        # full or cut off by the end of the excerpt.
+        return response, redact_excerpt(body)
 
-    def _failed(self, event: Queued, state: RetryCallState) -> None:
+    def _failed(self, batch: list[Queued], state: RetryCallState) -> None:
+        event = batch[0]
         exc = state.outcome.exception() if state.outcome is not None else None
         message = str(exc)
         self.last_error = message
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         fields = _fields(event, attempt=state.attempt_number, retry_in=round(wait, 3))
-        if isinstance(exc, RetryableDelivery) and exc.status in (401, 403):
+        if len(batch) > 1:
+            fields["events"] = len(batch)
+        if isinstance(exc, Redirected):
+            if self._redirect_logged != exc.location:
+                self._redirect_logged = exc.location
+                log.error(
+                    "backend answered %s redirecting to %s; redirects are not followed: "
+                    "check backend.url. Events are kept and retried",
+                    exc.status,
+                    exc.location,
+                    extra=fields,
+                )
+                self._set_problem(f"backend redirects to {exc.location} ({exc.status})")
+        elif isinstance(exc, RetryableDelivery) and exc.status in (401, 403):
             if not self._auth_warned:
                 self._auth_warned = True
                 log.error(

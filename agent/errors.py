@@ -10,11 +10,14 @@
     │   │                    retried shortly, then a warning, and the last good state stays
     │   └── TranscriptError  a transcript cannot be read safely (agent.transcript)
     │       └── UnsafeFile   it is a symlink, under one, or not a regular file: refused
-    └── DeliveryError        one POST of one event failed
+    └── DeliveryError        one POST of one event or one batch failed
         ├── RetryableDelivery    connection error, timeout, 401/403, 408, 425, 429, 5xx:
-        │                        retried with backoff for ever, the event stays queued
-        └── PermanentDelivery    any other non-2xx: the event is dead-lettered with the
-                                 response and delivery of later events continues
+        │   │                    retried with backoff for ever, the events stay queued
+        │   └── Redirected       a 3xx (agent.deliver): backend.url is wrong; retried
+        │                        likewise, and reported until the backend accepts events
+        └── PermanentDelivery    any other non-2xx: a batch is split; one event is
+                                 dead-lettered with the response and delivery of later
+                                 events continues
 
 Loop boundaries (the main loop, the sender) catch ``AgentError``, and any other ``Exception`` as
 unexpected, log it with context and carry on. Only startup turns an error into an exit code, and

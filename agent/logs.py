@@ -7,6 +7,7 @@ at start or by a reload, because a request sent with an old one may still be ans
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -15,18 +16,70 @@ import orjson
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _secrets: list[str] = []
+# Each secret in any form a backend may echo it in: as is, JSON-escaped (``\/``, ``\u0041``,
+# with the backslashes doubled once more when the echo itself is logged as JSON) or
+# percent-encoded, in any mix of these, character by character.
+_patterns: list[re.Pattern[str]] = []
+_ESCAPED = re.compile(r"\\+u([0-9a-fA-F]{4})|\\+(/)|%([0-9a-fA-F]{2})")
+# An escape cut off by the end of an excerpt: ``%4``, ``\u00``, a lone backslash.
+_CUT_ESCAPE = re.compile(r"(?:\\+u[0-9a-fA-F]{0,3}|\\+|%[0-9a-fA-F]?)\Z")
+#: A prefix of a secret this long or longer at the very end of an excerpt is redacted too.
+MIN_PREFIX = 8
+REDACTED = "<redacted>"
+
+
+def _hex(code: int, digits: int) -> str:
+    return "".join(f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{code:0{digits}x}")
+
+
+def _any_form(char: str) -> str:
+    forms = [re.escape(char), r"\\+u" + _hex(ord(char), 4)]
+    if ord(char) < 0x80:
+        forms.append("%" + _hex(ord(char), 2))
+    if char == "/":
+        forms.append(r"\\+/")
+    return "(?:" + "|".join(forms) + ")"
 
 
 def add_secret(secret: str) -> None:
     """Redact ``secret`` from every later log line and :func:`redact` result."""
     if secret and secret not in _secrets:
+        # Longest first: a secret that contains another is redacted whole.
         _secrets.append(secret)
+        _secrets.sort(key=len, reverse=True)
+        _patterns[:] = [re.compile("".join(_any_form(c) for c in s)) for s in _secrets]
 
 
 def redact(text: str) -> str:
-    """``text`` with every known secret replaced by ``<redacted>``."""
+    """``text`` with every known secret, in any encoded form, replaced by ``<redacted>``."""
+    for secret, pattern in zip(_secrets, _patterns, strict=True):
+        text = text.replace(secret, REDACTED)
+        if "\\" in text or "%" in text:
+            text = pattern.sub(REDACTED, text)
+    return text
+
+
+def _decode(text: str) -> str:
+    return _ESCAPED.sub(lambda m: chr(int(m[1] or m[3], 16)) if m[1] or m[3] else "/", text)
+
+
+def redact_excerpt(text: str) -> str:
+    """:func:`redact`, and a secret cut off by the end of the excerpt: a prefix of it of at
+    least :data:`MIN_PREFIX` characters (in any encoded form) that ends the text."""
+    text = redact(text)
     for secret in _secrets:
-        text = text.replace(secret, "<redacted>")
+        if len(secret) < MIN_PREFIX:
+            continue
+        # An encoded character takes at most a few escape characters (more with doubled
+        # backslashes): look no further back than that.
+        start = max(0, len(text) - 12 * len(secret))
+        for i in range(start, len(text) - MIN_PREFIX + 1):
+            if text[i] not in (secret[0], "\\", "%"):
+                continue
+            tail = _decode(_CUT_ESCAPE.sub("", text[i:]))
+            if len(tail) >= MIN_PREFIX and secret.startswith(tail):
+                text = text[:i] + REDACTED
+                break
     return text
 
 

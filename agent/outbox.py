@@ -262,6 +262,59 @@ class Store:
         self.sent_floor = max(self.sent_floor, row[0])
         return Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
 
+    def head_batch(self, limit: int, max_bytes: int | None = None) -> list[Queued]:
+        """The oldest queued events, in seq order: at most ``limit`` of them, and no more than
+        ``max_bytes`` of bodies in all, except that the oldest is always included. Empty when
+        none are queued. Rows are read one at a time, so a large body past the limit is never
+        loaded."""
+        out: list[Queued] = []
+        size = 0
+        try:
+            rows = self.db.execute(
+                "SELECT seq, length(body) FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+            for seq, length in rows:
+                if out and max_bytes is not None and size + length > max_bytes:
+                    break
+                row = self.db.execute(
+                    "SELECT seq, event_id, type, created, attempts, body FROM outbox WHERE seq = ?",
+                    (seq,),
+                ).fetchone()
+                if row is None:
+                    break  # dead-lettered or acknowledged meanwhile by another connection
+                size += length
+                out.append(Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5])))
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
+        if out:
+            self.sent_floor = max(self.sent_floor, out[-1].seq)
+        return out
+
+    def ack_many(self, seqs: list[int]) -> None:
+        """The backend accepted these events: they leave the outbox in one transaction.
+
+        Committed without waiting for the disk, like :meth:`ack` and for the same reasons.
+        """
+        if not seqs:
+            return
+        relax = self._synchronous == "FULL"
+        try:
+            if relax:
+                self.db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with self.transaction() as tx:
+                    self.db.executemany(
+                        "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs]
+                    )
+                    tx.set_meta(
+                        "last_delivery", {"at": time.time(), "result": "ok", "seq": max(seqs)}
+                    )
+            finally:
+                if relax:
+                    self.db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+
     def depth(self) -> int:
         """How many events are queued. Unlike :meth:`head`, this changes nothing."""
         try:

@@ -113,6 +113,7 @@ def status_report(config: Config) -> dict[str, Any]:
             "seq": read_meta(db, "seq") or 0,
             "last_delivery": read_meta(db, "last_delivery"),
             "heartbeat": read_meta(db, "heartbeat"),
+            "sender": read_meta(db, "sender"),
             "dead_letter_list": dead_letter_rows(db),
             "transcripts": transcripts,
             "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
@@ -135,6 +136,9 @@ def print_status(r: dict[str, Any]) -> None:
     beat = r["heartbeat"] or {}
     state = f" ({beat['state']})" if beat.get("state") else ""
     print(f"heartbeat     {_ago(beat.get('at'))}{state}")
+    problem = (r.get("sender") or {}).get("problem")
+    if problem:
+        print(f"delivery      {problem} (since {_ago(r['sender'].get('since'))})")
     print(f"last seq      {r['seq']}")
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
@@ -150,9 +154,12 @@ def print_status(r: dict[str, Any]) -> None:
 
 def health(config: Config, max_stuck: float, now: float) -> str | None:
     """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
-    stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
+    stopped), the sender reported that delivery cannot progress (the backend redirects, the
+    sender stalled), or the oldest undelivered event has waited longer than ``max_stuck``
+    seconds."""
     with _reading(config.storage.dir) as db:
         beat = read_meta(db, "heartbeat")
+        sender = read_meta(db, "sender")
         stats = outbox_stats(db)
     allowed = 3 * config.intervals.heartbeat + 5
     if not beat or now - beat["at"] > allowed:
@@ -160,6 +167,8 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
         return f"no heartbeat within {allowed:.0f}s (last {age})"
     if beat.get("state") == "stopping":
         return f"the agent stopped {now - beat['at']:.0f}s ago"
+    if isinstance(sender, dict) and sender.get("problem"):
+        return f"delivery cannot progress: {sender['problem']}"
     age = stats["oldest_undelivered_age"]
     if age is not None and age > max_stuck:
         return f"delivery stuck: oldest undelivered event is {age:.0f}s old"

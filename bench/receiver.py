@@ -1,11 +1,11 @@
 """The bench's receiver: a small asyncio HTTP/1.1 server on 127.0.0.1, run as its own process.
 
-It answers every ``POST`` with 200 and records ``time.time()`` the moment a request's body has
-been read, with the path and the raw body. ``GET /_records?since=N`` returns the records from
-index N on as JSON lines (the arrival time, the path, then the body), which is how the bench
-process reads them. Living in its own process keeps the bench's writer threads from delaying
-the arrival timestamps (the GIL), and a hand-rolled keep-alive server keeps the receiver far
-faster than the agent, so that it never bounds what is measured.
+It answers every ``POST`` with 200 (a batch of events too) and records ``time.time()`` the moment a
+request's body has been read, with the path and the raw body. ``GET /_records?since=N`` returns the
+records from index N on as JSON lines (the arrival time, the path, then the body), which is how the
+bench process reads them. Living in its own process keeps the bench's writer threads from delaying
+the arrival timestamps (the GIL), and a hand-rolled keep-alive server keeps the receiver far faster
+than the agent, so that it never bounds what is measured.
 
 ``python -m bench.receiver [--port N]`` prints the port it listens on as its first line.
 """
@@ -128,20 +128,28 @@ class ReceiverProcess:
         self.port = int(self.proc.stdout.readline())
         self.url = f"http://127.0.0.1:{self.port}"
         self.records: list[Record] = []
+        self._requests = 0  # requests fetched so far; a batch is one request, many records
 
     def fetch(self) -> list[Record]:
         """Pull the new records; returns only those not fetched before."""
-        url = f"{self.url}/_records?since={len(self.records)}"
+        url = f"{self.url}/_records?since={self._requests}"
         with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
-        new = []
-        for line in data.splitlines():
+        new: list[Record] = []
+        lines = data.splitlines()
+        self._requests += len(lines)
+        for line in lines:
             meta, _, raw = line.partition(b"\t")
             at, path = orjson.loads(meta)
             body: Any = None
             with contextlib.suppress(orjson.JSONDecodeError):
                 body = orjson.loads(raw)
-            new.append(Record(at, path, body))
+            if isinstance(body, list):
+                # A batch: one record per event, as if each had come on its own route.
+                base = path.rsplit("/", 1)[0]
+                new += [Record(at, f"{base}/event/{e.get('type')}", e) for e in body]
+            else:
+                new.append(Record(at, path, body))
         self.records += new
         return new
 

@@ -45,6 +45,10 @@ class Reply:
     # Store a 2xx event *before* the delay/reset/answer, like a backend that commits and then
     # answers: if the answer is lost (reset, client killed or gone) the agent sends it again.
     commit: bool = False
+    # Send the answer one byte every ``drip`` seconds (status line, headers and body).
+    drip: float = 0.0
+    # Send "102 Processing" every 0.2 s for this many seconds before the answer.
+    processing: float = 0.0
 
 
 Policy = Callable[[dict[str, Any]], Reply]
@@ -57,6 +61,7 @@ class Received:
     path: str
     at: float  # time.time() when the request was read
     status: int
+    batch: int = 0  # the number of events in the request if it was a batch, else 0
 
 
 class Backend:
@@ -73,10 +78,12 @@ class Backend:
         # Every 2xx the backend stored, repeats included: (event_id, seq, raw body).
         self.deliveries: list[tuple[str, int, bytes]] = []
         self.policy: Policy = lambda event: Reply()
+        # A backend without the batch route answers this status to every batch, e.g. 404.
+        self.batch_status: int | None = None
         self._cond = threading.Condition()
         self._ssl = ssl_context
         self._conns: set[socket.socket] = set()
-        self.server = self._listen(port)
+        self.server: ThreadingHTTPServer | None = self._listen(port)
         self._port = int(self.server.server_address[1])
 
     def _listen(self, port: int) -> ThreadingHTTPServer:
@@ -191,20 +198,50 @@ class Backend:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 try:
-                    event = json.loads(body)
+                    data = json.loads(body)
                 except ValueError:
                     # The client died half way through sending: nothing to answer.
                     self.close_connection = True
                     return
-                reply = backend.policy(event)
+                batch = isinstance(data, list)
+                events: list[dict[str, Any]] = data if batch else [data]
+                if batch and backend.batch_status is not None:
+                    reply = Reply(backend.batch_status, body=b'{"detail":"Not Found"}')
+                else:
+                    # A batch is one transaction: the first refusal among its events is the
+                    # answer to all of them, and nothing of it is stored.
+                    replies = [backend.policy(event) for event in events]
+                    refused = [r for r in replies if not 200 <= r.status < 300]
+                    reply = refused[0] if refused else max(replies, key=lambda r: r.delay)
+                    if batch and not refused:
+                        counts = {"accepted": len(events), "duplicates": 0}
+                        reply = Reply(
+                            reply.status,
+                            reply.headers,
+                            json.dumps(counts).encode(),
+                            reply.delay,
+                            reply.reset,
+                            reply.commit,
+                            reply.drip,
+                            reply.processing,
+                        )
                 with backend._cond:
-                    backend.requests.append(
-                        Received(event, dict(self.headers), self.path, time.time(), reply.status)
-                    )
+                    for event in events:
+                        backend.requests.append(
+                            Received(
+                                event,
+                                dict(self.headers),
+                                self.path,
+                                time.time(),
+                                reply.status,
+                                len(events) if batch else 0,
+                            )
+                        )
                     backend._cond.notify_all()
                 ok = 200 <= reply.status < 300
+                raw = [json.dumps(e).encode() for e in events] if batch else [body]
                 if ok and reply.commit:
-                    self._store(event, body)
+                    self._store_all(events, raw)
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.reset:
@@ -215,15 +252,33 @@ class Backend:
                     self.close_connection = True
                     return
                 try:
-                    self.send_response(reply.status)
-                    for k, v in reply.headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(reply.body)))
-                    self.end_headers()
-                    self.wfile.write(reply.body)
+                    self._interim(reply.processing)
+                    head = [f"HTTP/1.1 {reply.status} {self.responses.get(reply.status, ('',))[0]}"]
+                    head += [f"{k}: {v}" for k, v in reply.headers.items()]
+                    head += [f"Content-Length: {len(reply.body)}", "", ""]
+                    answer = "\r\n".join(head).encode("latin-1") + reply.body
+                    if reply.drip:
+                        for i in range(len(answer)):
+                            self.wfile.write(answer[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(reply.drip)
+                    else:
+                        self.wfile.write(answer)
                 except OSError:
+                    self.close_connection = True
                     return  # the client gave up (timeout): nothing was accepted
                 if ok and not reply.commit:
+                    self._store_all(events, raw)
+
+            def _interim(self, seconds: float) -> None:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    self.wfile.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+
+            def _store_all(self, events: list[dict[str, Any]], raw: list[bytes]) -> None:
+                for event, body in zip(events, raw, strict=True):
                     self._store(event, body)
 
         return Handler

@@ -49,6 +49,7 @@ def test_check_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "url": "http://127.0.0.1:9",
         "token_file": None,
         "event_path": "/api/v1/event/{type}",
+        "batch_path": "/api/v1/events",
         "connect_timeout": 3.0,
         "timeout": 10.0,
         "ca_bundle": None,

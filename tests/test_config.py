@@ -308,3 +308,15 @@ def test_token_over_plain_http_to_another_host_is_refused(good: Path) -> None:
     for host in ("localhost", "127.0.0.2", "[::1]"):
         local = {**env, "ADW_AGENT_BACKEND__URL": f"http://{host}:1"}
         assert load(good, local).backend.is_loopback()
+
+
+def test_batch_max_and_batch_path(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    assert load(path, {}).delivery.batch_max == 100
+    assert load(path, {}).backend.batch_path == "/api/v1/events"
+    for bad in ("0", "1001"):
+        assert load_error(path, {"ADW_AGENT_DELIVERY__BATCH_MAX": bad}).startswith(
+            f"{path}: delivery.batch_max:"
+        )
+    add(path, "backend", 'batch_path = "events"')
+    assert "backend.batch_path: must start with '/'" in load_error(path)

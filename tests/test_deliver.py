@@ -30,6 +30,7 @@ from agent.deliver import (
     _Backoff,
     build_client,
     classify,
+    clean_location,
     read_excerpt,
     retry_after_seconds,
 )
@@ -215,7 +216,15 @@ def config(tmp_path: Path) -> Config:
         f'[storage]\ndir = "{tmp_path / "storage"}"\n'
         "[delivery]\nbackoff_initial = 0.01\nbackoff_max = 0.05\n"
     )
-    return load(path, {"ADW_AGENT_TOKEN": TOKEN})
+    # One event per request: the tests of the batch route below use batch_config.
+    return load(path, {"ADW_AGENT_TOKEN": TOKEN, "ADW_AGENT_DELIVERY__BATCH_MAX": "1"})
+
+
+@pytest.fixture
+def batch_config(config: Config) -> Config:
+    return config.model_copy(
+        update={"delivery": config.delivery.model_copy(update={"batch_max": 100})}
+    )
 
 
 @pytest.fixture
@@ -441,7 +450,9 @@ def test_an_unreadable_outbox_does_not_end_the_sender(
     emit(store, "a")
     store.db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every read of it now fails
     rec = Recorder(lambda n, e: httpx.Response(200))
-    errors = lambda: [r for r in caplog.records if "cannot use the store" in r.getMessage()]  # noqa: E731
+
+    def errors() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "cannot use the store" in r.getMessage()]
 
     healed = False
 
@@ -456,3 +467,284 @@ def test_an_unreadable_outbox_does_not_end_the_sender(
         run(config, store, rec, heal)
     assert len(errors()) == 1
     assert [e["data"]["reason"] for _, _, e in rec.requests] == ["a"]
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+class BatchRecorder:
+    """Scripted answers to whole requests (a batch or one event), recorded as event lists."""
+
+    def __init__(self, answer: Callable[[str, list[dict[str, Any]]], httpx.Response]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[httpx.Request, list[dict[str, Any]]]] = []
+        self.statuses: list[int] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        data = orjson.loads(request.content)
+        events = data if isinstance(data, list) else [data]
+        self.requests.append((request, events))
+        answer = self.answer(request.url.path, events)
+        self.statuses.append(answer.status_code)
+        return answer
+
+    def seqs(self) -> list[list[int]]:
+        return [[e["seq"] for e in events] for _, events in self.requests]
+
+
+def accepted(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.Response(200, json={"accepted": len(events), "duplicates": 0})
+
+
+def test_queued_events_go_out_as_one_batch_in_seq_order(batch_config: Config, store: Store) -> None:
+    for reason in "abcde":
+        emit(store, reason)
+    rec = BatchRecorder(accepted)
+    run(batch_config, store, rec, empty(store))
+    assert rec.seqs() == [[1, 2, 3, 4, 5]]
+    [(request, events)] = rec.requests
+    assert request.url == "http://127.0.0.1:9/api/v1/events"
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["idempotency-key"].startswith("batch-")
+    assert [e["data"]["reason"] for e in events] == list("abcde")
+    assert store.meta("last_delivery") == {"at": ANY, "result": "ok", "seq": 5}
+
+
+def test_batches_are_at_most_batch_max_events(batch_config: Config, store: Store) -> None:
+    for reason in "abcde":
+        emit(store, reason)
+    small = batch_config.model_copy(
+        update={"delivery": batch_config.delivery.model_copy(update={"batch_max": 2})}
+    )
+    rec = BatchRecorder(accepted)
+    run(small, store, rec, empty(store))
+    assert rec.seqs() == [[1, 2], [3, 4], [5]]
+
+
+def test_a_retried_batch_is_the_same_request(batch_config: Config, store: Store) -> None:
+    for reason in "abc":
+        emit(store, reason)
+    rec = BatchRecorder(
+        lambda path, events: httpx.Response(503) if len(rec.requests) < 3 else accepted(path, [])
+    )
+    run(batch_config, store, rec, empty(store))
+    assert rec.seqs() == [[1, 2, 3]] * 3
+    assert len({r.content for r, _ in rec.requests}) == 1
+    assert len({r.headers["idempotency-key"] for r, _ in rec.requests}) == 1
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_no_batch_route_falls_back_to_one_event_per_request_and_remembers(
+    batch_config: Config, store: Store, status: int
+) -> None:
+    for reason in "ab":
+        emit(store, reason)
+
+    def old_backend(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+        return httpx.Response(status) if path == "/api/v1/events" else httpx.Response(200)
+
+    rec = BatchRecorder(old_backend)
+
+    async def scenario() -> None:
+        client = build_client(batch_config, transport=httpx.MockTransport(rec))
+        sender = Sender(batch_config, store, client)
+        task = asyncio.create_task(sender.run())
+        sender.wake()
+        await wait_until(lambda: store.depth() == 0)
+        emit(store, "c")  # queued later: still one per request, the route is not asked again
+        sender.wake()
+        await wait_until(lambda: store.depth() == 0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+
+    asyncio.run(scenario())
+    paths = [r.url.path for r, _ in rec.requests]
+    assert paths == ["/api/v1/events"] + ["/api/v1/event/workflow_failed"] * 3
+    assert rec.seqs() == [[1, 2], [1], [2], [3]]
+    assert dead_letter_rows(store.db) == []
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_a_rejected_batch_is_split_so_only_the_bad_event_is_dead_lettered(
+    batch_config: Config, store: Store
+) -> None:
+    for reason in ["ok"] * 5 + ["bad"] + ["ok"] * 4:
+        emit(store, reason)
+
+    def strict(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+        # One transaction: a batch with one bad event is refused whole.
+        if any(e["data"]["reason"] == "bad" for e in events):
+            return httpx.Response(422, text="reason 'bad' is not allowed")
+        return accepted(path, events)
+
+    rec = BatchRecorder(strict)
+    run(batch_config, store, rec, empty(store))
+    [dead] = dead_letter_rows(store.db)
+    assert (dead["seq"], dead["status"]) == (6, 422)
+    delivered = [
+        e["seq"]
+        for (_, events), status in zip(rec.requests, rec.statuses, strict=True)
+        if status == 200
+        for e in events
+    ]
+    assert delivered == [1, 2, 3, 4, 5, 7, 8, 9, 10]  # in seq order, each once
+    assert len(rec.requests) <= 2 * 4 + 1  # halving, not one request per event
+
+
+# -- redirects ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_3xx_is_retryable_and_names_a_clean_location(status: int) -> None:
+    answer = response(status, Location="https://alice:s3cret@other.example:8443/x/y?token=abc#f")
+    with pytest.raises(RetryableDelivery) as info:
+        check(answer)
+    assert info.value.status == status
+    assert "https://other.example:8443/x/y" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert "token=abc" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        (None, "(no Location)"),
+        ("/relative/path?q=1", "/relative/path"),
+        ("http://[::1]:8000/p", "http://[::1]:8000/p"),
+        ("http://[::1/broken", "(an unparsable Location)"),
+        ("http://h/\x1b[31mred", "http://h/?[31mred"),
+    ],
+)
+def test_clean_location(location: str | None, shown: str) -> None:
+    assert clean_location(location) == shown
+
+
+def test_a_redirect_keeps_the_events_and_is_reported_once(
+    batch_config: Config, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    emit(store, "a")
+    emit(store, "b")
+    location = "https://user:pw@elsewhere.example/api?sig=1"
+    problems: list[str | None] = []
+
+    def moved(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+        problems.append((store.meta("sender") or {}).get("problem"))
+        if len(rec.requests) <= 4:
+            return httpx.Response(307, headers={"Location": location})
+        return accepted(path, events)
+
+    rec = BatchRecorder(moved)
+    with caplog.at_level(logging.DEBUG, "adw_agent"):
+        sender = run(batch_config, store, rec, empty(store))
+    assert dead_letter_rows(store.db) == []
+    assert rec.seqs() == [[1, 2]] * 5
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "https://elsewhere.example/api" in errors[0].getMessage()
+    assert "pw" not in errors[0].getMessage()
+    assert "sig=1" not in errors[0].getMessage()
+    # Reported while it lasted, cleared once the backend accepted the events.
+    assert problems[-1] == "backend redirects to https://elsewhere.example/api (307)"
+    assert store.meta("sender")["problem"] is None
+    assert sender.problem is None
+
+
+# -- the exchange as a whole, stalls, reloads ------------------------------------------------------
+
+
+class Drip:
+    """A response body that sends one byte every ``pause`` seconds, for ever."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            await asyncio.sleep(self.pause)
+            yield b"x"
+
+
+def test_backend_timeout_bounds_the_whole_exchange(config: Config, store: Store) -> None:
+    emit(store, "a")
+    short = config.model_copy(
+        update={"backend": config.backend.model_copy(update={"timeout": 0.3})}
+    )
+    started: list[float] = []
+
+    def answer(n: int, event: dict[str, Any]) -> httpx.Response:
+        started.append(time.monotonic())
+        if n == 1:  # each read gets a byte well within the timeout; the whole never ends
+            return httpx.Response(500, content=Drip(0.05))
+        return httpx.Response(200)
+
+    sender = run(short, store, Recorder(answer), empty(store))
+    assert len(started) == 2
+    assert store.meta("last_delivery")["result"] == "ok"
+    assert sender.last_error is None
+
+
+def test_a_stalled_sender_is_reported_and_recovers(config: Config, store: Store) -> None:
+    emit(store, "a")
+    release = asyncio.Event()
+
+    async def scenario() -> Sender:
+        async def hang(request: httpx.Request) -> httpx.Response:
+            await release.wait()
+            return httpx.Response(200)
+
+        client = build_client(config, transport=httpx.MockTransport(hang))
+        sender = Sender(config, store, client)
+        task = asyncio.create_task(sender.run())
+        sender.wake()
+        await asyncio.sleep(0.05)
+        assert not sender.check_progress()  # busy, but within its limit
+        later = time.monotonic() + config.backend.timeout + 60
+        assert sender.check_progress(later)
+        assert sender.check_progress(later)  # still stalled; reported once
+        assert store.meta("sender")["problem"] == "the sender has stopped making progress"
+        release.set()
+        await wait_until(lambda: store.depth() == 0)
+        assert not sender.check_progress()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.problem is None
+    assert store.meta("sender")["problem"] is None
+
+
+def test_a_reload_to_another_backend_ends_a_retry_after_wait(
+    batch_config: Config, store: Store
+) -> None:
+    emit(store, "a")
+    old = BatchRecorder(lambda p, e: httpx.Response(503, headers={"Retry-After": "600"}))
+    new = BatchRecorder(accepted)
+    moved = batch_config.model_copy(
+        update={"backend": batch_config.backend.model_copy(update={"url": "http://127.0.0.1:10"})}
+    )
+
+    async def scenario() -> None:
+        first = build_client(batch_config, transport=httpx.MockTransport(old))
+        sender = Sender(batch_config, store, first)
+        task = asyncio.create_task(sender.run())
+        sender.wake()
+        await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
+        second = build_client(moved, transport=httpx.MockTransport(new))
+        await sender.replace_client(moved, second).aclose()
+        await wait_until(lambda: store.depth() == 0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await second.aclose()
+
+    asyncio.run(scenario())
+    assert old.seqs() == [[1]]
+    assert new.seqs() == [[1]]

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -249,6 +250,33 @@ def test_head_and_ack_go_in_seq_order(store: Store) -> None:
     assert [e.seq for e in delivered] == [1, 2]
     assert store.head() is None
     assert store.meta("last_delivery")["result"] == "ok"
+
+
+def test_a_batch_is_the_oldest_events_in_seq_order_and_never_altered(store: Store) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_update", workflow(["a"], status="one"))
+    emit(store, "phase_update", phase("b", []))
+    batch = store.head_batch(2)
+    assert [e.seq for e in batch] == [1, 2]
+    assert store.sent_floor == 2
+    # The workflow_update in the batch may be on its way: a newer one does not replace it.
+    emit(store, "workflow_update", workflow(["b"], status="two"))
+    assert [e["seq"] for e in queued(store)] == [1, 2, 3, 4]
+    store.ack_many([e.seq for e in batch])
+    assert [e.seq for e in store.head_batch(100)] == [3, 4]
+    assert store.meta("last_delivery") == {"at": ANY, "result": "ok", "seq": 2}
+    store.ack_many([])
+    assert store.depth() == 2
+
+
+def test_a_batch_stops_before_max_bytes_but_always_holds_the_oldest(store: Store) -> None:
+    for reason in ("a" * 5000, "b", "c" * 5000, "d"):
+        emit(store, "workflow_failed", failed(reason))
+    sizes = [len(e.body) for e in store.head_batch(10)]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] - 1)] == [1]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] + sizes[1])] == [1, 2]
+    assert [e.seq for e in store.head_batch(10, max_bytes=sum(sizes))] == [1, 2, 3, 4]
+    assert [e.seq for e in store.head_batch(3, max_bytes=sum(sizes))] == [1, 2, 3]
 
 
 def test_record_failure_keeps_the_event(store: Store) -> None:

@@ -262,10 +262,13 @@ def test_the_token_never_appears_in_logs_output_errors_or_the_store(
     # A careless backend that echoes the credentials in its error bodies.
     echo = json.dumps({"detail": f"bad request for Authorization: Bearer {TOKEN}"}).encode()
 
+    refused: list[str] = []
+
     def policy(event: dict[str, Any]) -> Reply:
         if event["type"] == "workflow_update":
             return Reply(400, body=echo)  # dead-lettered, with the body kept
-        if event["type"] == "phase_update" and not backend.accepted:
+        if event["type"] == "phase_update" and not refused:
+            refused.append(event["event_id"])  # once: then the credentials are taken
             return Reply(401, body=echo)
         return Reply(commit=True)
 
