@@ -132,6 +132,11 @@ class WatchSection(_Section):
     rescan_interval: PositiveFloat = 30.0
     parse_retry_ms: Annotated[int, Field(ge=1, le=60_000)] = 50
     parse_retries: Annotated[int, Field(ge=0, le=1000)] = 20
+    allow_hardlinks: bool = Field(
+        default=False,
+        description="Read run-directory files that have more than one hard link. Off by "
+        "default: a hard link to a file elsewhere would ship that file's content.",
+    )
 
 
 class DeliverySection(_Section):

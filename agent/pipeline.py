@@ -47,16 +47,18 @@ from typing import Any, TypeVar
 
 import orjson
 
+from agent import endings
 from agent.account import PriceTable, Tokens, TranscriptLedger, fold_key
 from agent.config import Config
 from agent.errors import ReadError, StorageError
-from agent.events import Source
-from agent.outbox import Store, Transaction
+from agent.events import Source, utc_now
+from agent.outbox import Store, Transaction, read_meta
 from agent.read import (
     ERROR_LOG,
     PHASES_FILE,
     STATE_FILE,
     TRANSCRIPT,
+    latest_failure_tail,
     read_phases,
     read_state,
     read_tail,
@@ -168,6 +170,12 @@ class Pipeline:
         self._warnings = _Warnings()
         self._last_read_error: dict[str, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
+        self._completions: list[str] = []  # likewise for completed runs (their end_time)
+
+    @property
+    def _hardlinks(self) -> bool:
+        """Whether files with more than one hard link are read (``watch.allow_hardlinks``)."""
+        return self.config.watch.allow_hardlinks
 
     # -- classification -------------------------------------------------------------------
 
@@ -241,6 +249,8 @@ class Pipeline:
             ):
                 if key in keys and key not in waiting:
                     self._isolated(b, key, partial(step, b))
+            if keys & {"phases", "state"} - waiting:
+                self._isolated(b, "ending", partial(self._ending, b))
         return b.outcome
 
     def snapshot(self) -> Outcome:
@@ -266,17 +276,25 @@ class Pipeline:
             # The store did not record what the readers consumed: rebuild them from the store.
             self._transcripts.clear()
             self._failures.clear()
+            self._completions.clear()
             raise
         # Logged once committed: a batch that is rolled back (disk full) and retried must not
         # report the same failure again and again.
         for reason in self._failures:
             log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
         self._failures.clear()
+        for end_time in self._completions:
+            log.info(
+                "workflow completed",
+                extra={"event_type": "workflow_completed", "end_time": end_time},
+            )
+        self._completions.clear()
 
     def _isolated(self, b: _Batch, key: str, step: Callable[[], None]) -> None:
         """Run one file's step under a savepoint, so that its failure spares the other files."""
         db = self.store.db
         emitted, failures = len(b.tx.emitted), len(self._failures)
+        completions = len(self._completions)
         problems = self._warnings.problems(key)
         db.execute("SAVEPOINT pipeline_file")
         try:
@@ -288,6 +306,7 @@ class Pipeline:
             db.execute("RELEASE pipeline_file")
             del b.tx.emitted[emitted:]
             del self._failures[failures:]
+            del self._completions[completions:]
             # Rebuilt from its saved row next time, so the rolled-back lines are read again.
             self._transcripts.pop(key, None)
             b.outcome.more.discard(key)
@@ -344,7 +363,7 @@ class Pipeline:
             )
 
     def _state(self, b: _Batch, force: bool = False) -> None:
-        state = self._read(b, "state", read_state)
+        state = self._read(b, "state", partial(read_state, allow_hardlinks=self._hardlinks))
         if state is None:
             return
         canonical = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
@@ -367,7 +386,7 @@ class Pipeline:
             b.tx.delete("failure_reported")
 
     def _phases(self, b: _Batch) -> None:
-        phases = self._read(b, "phases", read_phases)
+        phases = self._read(b, "phases", partial(read_phases, allow_hardlinks=self._hardlinks))
         if phases is None:
             return
         now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
@@ -416,7 +435,9 @@ class Pipeline:
     def _error_excerpt(self) -> str:
         try:
             return read_tail(
-                self.run_dir / ERROR_LOG, self.config.limits.error_excerpt_bytes
+                self.run_dir / ERROR_LOG,
+                self.config.limits.error_excerpt_bytes,
+                allow_hardlinks=self._hardlinks,
             ).excerpt
         except (FileNotFoundError, ReadError):
             return ""
@@ -424,7 +445,9 @@ class Pipeline:
     def _errorlog(self, b: _Batch) -> None:
         path = self.run_dir / ERROR_LOG
         try:
-            tail = read_tail(path, self.config.limits.error_excerpt_bytes)
+            tail = read_tail(
+                path, self.config.limits.error_excerpt_bytes, allow_hardlinks=self._hardlinks
+            )
         except FileNotFoundError:
             self._warnings.ok("errorlog")
             return
@@ -442,6 +465,53 @@ class Pipeline:
             self._failure(b.tx, reason, tail.excerpt)
         if (previous["ino"], previous["size"]) != (tail.ino, tail.size):
             b.tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
+
+    # -- how the run ended (see agent.endings) ---------------------------------------------
+
+    def _ending(self, b: _Batch) -> None:
+        """Report the run's end once: ``end_time`` in the state, with or without a phase
+        current in a read of completed_phases.json made now, after the state was read."""
+        state = b.tx.get_json("state")
+        if not isinstance(state, dict):
+            return
+        db = self.store.db
+        if read_meta(db, "first_seen") is None:
+            b.tx.set_meta("first_seen", utc_now())
+        if endings.end_time_of(state) is None:
+            return
+        try:
+            phases = read_phases(
+                self.run_dir / PHASES_FILE,
+                self.config.limits.max_state_bytes,
+                allow_hardlinks=self._hardlinks,
+            )
+            completed, current = phases.completed, phases.current
+        except FileNotFoundError:
+            completed, current = [], None
+        except ReadError as exc:
+            # Half-written: decided when it reads, as a failure must not pass for a success.
+            b.outcome.retry.add("phases")
+            self._last_read_error["phases"] = exc
+            return
+        ending = endings.decide(state, completed, current, read_meta(db, "ended"))
+        if ending is None:
+            return
+        b.tx.set_meta("ended", endings.Reported(end_time=ending.end_time, kind=ending.kind))
+        if ending.kind == "completed":
+            started = state.get("start_time") or read_meta(db, "first_seen")
+            final_cost = float(self._saved_cost(b.tx)["reported"])
+            b.tx.emit("workflow_completed", endings.completed_data(ending, final_cost, started))
+            self._completions.append(ending.end_time)
+        elif not b.tx.get_json("failure_reported"):
+            # An older lineage may have reported this failure already (status or error.log).
+            excerpt = latest_failure_tail(
+                self.run_dir,
+                self.config.limits.error_excerpt_bytes,
+                allow_hardlinks=self._hardlinks,
+            )
+            b.tx.put_json("failure_reported", True)
+            b.tx.emit("workflow_failed", endings.failed_data(ending, excerpt))
+            self._failures.append(ending.reason)
 
     def _failure(self, tx: Transaction, reason: str, excerpt: str) -> None:
         """Queue a failure and mark it reported (when: see the module docstring)."""
@@ -489,7 +559,11 @@ class Pipeline:
             )
             return None
         reader = TranscriptReader(
-            path, position, max_line_bytes=self.config.limits.max_line_bytes, on_warning=warn
+            path,
+            position,
+            max_line_bytes=self.config.limits.max_line_bytes,
+            on_warning=warn,
+            allow_hardlinks=self._hardlinks,
         )
         return _Transcript(reader, ledger, saved is not None)
 
