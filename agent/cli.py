@@ -9,6 +9,7 @@ loop; a second agent on the same ``storage.dir`` is one too).
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -54,12 +55,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.adw_id,
         config.token.get_secret_value() if config.token else None,
     )
+    problem = config.token_file_problem()
+    if problem:
+        logging.getLogger("adw_agent.config").warning("%s", problem)
     return app.run(config, early)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     _print_json(config.redacted())
+    problem = config.token_file_problem()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     print(f"config OK: {config.source}", file=sys.stderr)
     return 0
 
