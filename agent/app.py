@@ -146,8 +146,12 @@ class Agent:
         """Run until SIGTERM/SIGINT. Returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
-        if self._early_signals:
+        # Signals caught before the loop existed (see agent.boot): a stop starts and stops
+        # cleanly; a reload re-reads the config, which may have changed since it was loaded.
+        if any(sig != signal.SIGHUP for sig in self._early_signals):
             self._stop()
+        elif self._early_signals:
+            self._request_reload()
         try:
             await self.startup()
         except AgentError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from agent import __version__
+from agent import __version__, boot
 from agent.config import Config, load, preflight
 from agent.errors import AgentError, ConfigError
 
@@ -42,11 +41,10 @@ def _config(args: argparse.Namespace, check: bool = True) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # A stop request that arrives while the agent is still starting must end in a clean
-    # shutdown, not in death by the default SIGTERM action: remember it until the loop runs.
-    early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    # A stop or reload request that arrives while the agent is still starting must not kill
+    # it: the entry point (agent.boot) remembers them until the loop runs; called otherwise,
+    # start remembering now.
+    early: list[int] = args.early_signals if args.early_signals is not None else boot.install()
     from agent import app, logs  # noqa: PLC0415  (keeps light commands fast)
 
     config = _config(args)
@@ -245,8 +243,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = None) -> int:
+    """Run one command. ``early_signals``: the signals :mod:`agent.boot` has been remembering
+    since the process started (None when called otherwise)."""
     args = parser().parse_args(argv)
+    args.early_signals = early_signals
+    if early_signals is not None and args.command != "run":
+        boot.restore()
     try:
         return int(args.func(args))
     except ConfigError as exc:
