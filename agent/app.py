@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agent import __version__
+from agent import __version__, liveness
 from agent import config as config_module
 from agent.config import Config
 from agent.deliver import Sender, build_client
@@ -713,7 +713,7 @@ class Agent:
                 tx.emit("agent_status", data, "event")
                 # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
                 # stop. In the same transaction: the two must never disagree.
-                tx.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state})
+                tx.set_meta("heartbeat", liveness.stamp(state))
         except StorageError as exc:
             if direct and self._storage_error is not None:
                 # Still failing: the heartbeat goes out directly instead.

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from agent import liveness
 from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
 from agent.errors import StorageError
@@ -148,16 +149,26 @@ def print_status(r: dict[str, Any]) -> None:
 
 def health(config: Config, max_stuck: float, now: float) -> str | None:
     """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
-    stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
+    stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds.
+
+    The heartbeat's age is taken from the monotonic clock (see :mod:`agent.liveness`); one
+    whose age cannot be known counts as unhealthy."""
     with _reading(config.storage.dir) as db:
         beat = read_meta(db, "heartbeat")
         stats = outbox_stats(db)
     allowed = 3 * config.intervals.heartbeat + 5
-    if not beat or now - beat["at"] > allowed:
-        age = "never" if not beat else f"{now - beat['at']:.0f}s ago"
-        return f"no heartbeat within {allowed:.0f}s (last {age})"
+    if not beat:
+        return f"no heartbeat within {allowed:.0f}s (last never)"
+    beat_age = liveness.age(beat, now, time.monotonic(), liveness.boot_id())
+    if beat_age is None:
+        return (
+            "heartbeat age unknown (written before a reboot, or the clock went back): "
+            "liveness cannot be judged"
+        )
+    if beat_age > allowed:
+        return f"no heartbeat within {allowed:.0f}s (last {beat_age:.0f}s ago)"
     if beat.get("state") == "stopping":
-        return f"the agent stopped {now - beat['at']:.0f}s ago"
+        return f"the agent stopped {beat_age:.0f}s ago"
     age = stats["oldest_undelivered_age"]
     if age is not None and age > max_stuck:
         return f"delivery stuck: oldest undelivered event is {age:.0f}s old"
