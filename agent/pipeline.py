@@ -58,11 +58,13 @@ from agent.read import (
     PHASES_FILE,
     STATE_FILE,
     TRANSCRIPT,
+    escape_name,
     latest_failure_tail,
     read_phases,
     read_state,
     read_tail,
     safe_subdir,
+    unescape_name,
 )
 from agent.transcript import Position, TranscriptError, TranscriptReader
 
@@ -194,10 +196,10 @@ class Pipeline:
         if len(parts) == 1:
             name = parts[0]
             return {STATE_FILE: "state", PHASES_FILE: "phases", ERROR_LOG: "errorlog"}.get(
-                name, f"agent:{name}"
+                name, f"agent:{escape_name(name)}"
             )
         if len(parts) == 2 and parts[1] == TRANSCRIPT:
-            return f"transcript:{parts[0]}"
+            return f"transcript:{escape_name(parts[0])}"
         return None
 
     def all_keys(self) -> set[str]:
@@ -209,7 +211,7 @@ class Pipeline:
             return keys
         for name in names:
             if safe_subdir(self.run_dir, name) is not None:
-                keys.add(f"transcript:{name}")
+                keys.add(f"transcript:{escape_name(name)}")
         return keys | {f"transcript:{a}" for a in self._known_agents()}
 
     def expand(self, keys: Iterable[str]) -> set[str]:
@@ -326,7 +328,7 @@ class Pipeline:
 
     def _path_of(self, key: str) -> str:
         if key.startswith("transcript:"):
-            return str(self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT)
+            return str(self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT)
         name = _FILES.get(key)
         return str(self.run_dir / name) if name else str(self.store.path)
 
@@ -538,7 +540,7 @@ class Pipeline:
 
     def _restore(self, tx: Transaction, key: str) -> _Transcript | None:
         """A reader and ledger from the saved row (new ones without a row); None if frozen."""
-        path = self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT
+        path = self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT
         warn = self._transcript_warning(path)
         try:
             saved = tx.get_json(key)
@@ -570,7 +572,8 @@ class Pipeline:
     def _transcript(self, b: _Batch, key: str) -> None:
         if key in self._frozen:
             return
-        agent = key.removeprefix("transcript:")
+        # Keys hold the name escaped (see read.escape_name); the file system has the bytes.
+        agent = unescape_name(key.removeprefix("transcript:"))
         if safe_subdir(self.run_dir, agent) is None:
             # Not a real directory (gone, a file, or a symlink that could lead outside the run
             # directory): read nothing; what was counted from it stays in the store.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -270,3 +271,33 @@ def latest_failure_tail(run_dir: Path, limit: int, *, allow_hardlinks: bool = Fa
         except (OSError, ReadError):
             continue
     return ""
+
+
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def escape_name(name: str) -> str:
+    """A directory name as it appears in events, logs and the store: valid UTF-8 text.
+
+    Python keeps the bytes of a name that is not UTF-8 as lone surrogates, which can be neither
+    stored nor sent as JSON. They become ``\\xNN``, and a backslash becomes ``\\\\`` so that the
+    escaping can be undone (:func:`unescape_name`); other names are unchanged.
+    """
+    if "\\" not in name and not any("\udc80" <= ch <= "\udcff" for ch in name):
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_name(text: str) -> str:
+    """The directory name :func:`escape_name` made ``text`` from."""
+    if "\\" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)), text)

@@ -21,6 +21,7 @@ from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
 from agent.errors import StorageError
 from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
+from agent.read import escape_name
 
 
 def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
@@ -31,8 +32,9 @@ def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
         "estimate_complete": all(c.estimate_complete for c in costs),
         "transcripts": [
             {
-                "path": c.path,
-                "agent": c.agent,
+                # Names that are not UTF-8 are escaped, as in events (see read.escape_name).
+                "path": escape_name(str(c.path)),
+                "agent": escape_name(c.agent),
                 "cost": round(c.cost, 10),
                 "final": c.final,
                 "estimate_complete": c.estimate_complete,
