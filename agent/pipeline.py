@@ -25,7 +25,8 @@ appears or grows, as it carries new error text. So error.log first and a failed 
 both in one batch) give one event, while a failed status first and error.log appearing later
 give two, the second with the log's tail.
 
-Warnings follow one rule: once per problem per file, until that file reads fine again.
+Warnings follow one rule: once per problem per file, until that file reads fine again, and at
+most a few per file per minute (see agent.notices).
 
 A transcript whose saved state no longer loads (a damaged store row, or one written by a newer
 version) is frozen: it is not read, since reading it again from the start would count again what
@@ -52,6 +53,7 @@ from agent.account import PriceTable, Tokens, TranscriptLedger, fold_key
 from agent.config import Config
 from agent.errors import ReadError, StorageError
 from agent.events import Source, utc_now
+from agent.notices import FileWarnings
 from agent.outbox import Store, Transaction, read_meta
 from agent.read import (
     ERROR_LOG,
@@ -75,8 +77,6 @@ _READ_BUDGET = 8 << 20
 #: Bounds on the run-wide breakdowns, whose keys come from files (see account.fold_key).
 _MAX_MODELS = 32
 _MAX_PHASES = 64
-#: Files whose warnings are remembered; names come from the run directory.
-_MAX_WARNED_FILES = 4096
 _FILES = {"state": STATE_FILE, "phases": PHASES_FILE, "errorlog": ERROR_LOG}
 _MISSING = object()
 _T = TypeVar("_T")
@@ -106,42 +106,6 @@ class _Batch:
     cost_changed: bool = False
 
 
-class _Warnings:
-    """Warn once per problem per file, until the file reads fine again.
-
-    At most ``limit`` files are remembered, as their names come from the run directory; beyond
-    that the oldest is forgotten and may be warned about again.
-    """
-
-    def __init__(self, limit: int = _MAX_WARNED_FILES) -> None:
-        self._problems: dict[str, set[str]] = {}
-        self._limit = limit
-
-    def warn(self, file: str, problem: str, message: str, *args: object, path: str) -> None:
-        problems = self._problems.get(file)
-        if problems is None:
-            if len(self._problems) >= self._limit:
-                del self._problems[next(iter(self._problems))]
-            problems = self._problems[file] = set()
-        if problem not in problems:
-            problems.add(problem)
-            log.warning(message, *args, extra={"path": path})
-
-    def ok(self, file: str) -> None:
-        """The file read fine: its problems may be warned about again."""
-        self._problems.pop(file, None)
-
-    def problems(self, file: str) -> set[str] | None:
-        problems = self._problems.get(file)
-        return None if problems is None else set(problems)
-
-    def restore(self, file: str, problems: set[str] | None) -> None:
-        if problems is None:
-            self._problems.pop(file, None)
-        else:
-            self._problems[file] = problems
-
-
 def _phase_update(
     current: str | None,
     completed: list[str],
@@ -169,7 +133,7 @@ class Pipeline:
         self._transcripts: dict[str, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
         self._frozen: set[str] = set()
-        self._warnings = _Warnings()
+        self._warnings = FileWarnings(log)
         self._last_read_error: dict[str, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
         self._completions: list[str] = []  # likewise for completed runs (their end_time)
