@@ -114,6 +114,7 @@ def status_report(config: Config) -> dict[str, Any]:
             "seq": read_meta(db, "seq") or 0,
             "last_delivery": read_meta(db, "last_delivery"),
             "heartbeat": read_meta(db, "heartbeat"),
+            "ended": read_meta(db, "ended"),
             "dead_letter_list": dead_letter_rows(db),
             "transcripts": transcripts,
             "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
@@ -137,6 +138,9 @@ def print_status(r: dict[str, Any]) -> None:
     state = f" ({beat['state']})" if beat.get("state") else ""
     print(f"heartbeat     {_ago(beat.get('at'))}{state}")
     print(f"last seq      {r['seq']}")
+    ended = r.get("ended")
+    if isinstance(ended, dict):
+        print(f"run ended     {ended.get('kind')} at {ended.get('end_time')}")
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
         print(f"  seq {row['seq']} {row['type']} -> {row['status']}: {row['response'][:60]}")
