@@ -443,8 +443,12 @@ class Pipeline:
         db = self.store.db
         if read_meta(db, "first_seen") is None:
             b.tx.set_meta("first_seen", utc_now())
-        if endings.end_time_of(state) is None:
-            return
+        reported = read_meta(db, "ended")
+        end_time = endings.end_time_of(state)
+        if end_time is None or (
+            isinstance(reported, dict) and reported.get("end_time") == end_time
+        ):
+            return  # not over, or reported already: no need to read the phases again
         try:
             phases = read_phases(
                 self.run_dir / PHASES_FILE,
@@ -459,7 +463,7 @@ class Pipeline:
             b.outcome.retry.add("phases")
             self._last_read_error["phases"] = exc
             return
-        ending = endings.decide(state, completed, current, read_meta(db, "ended"))
+        ending = endings.decide(state, completed, current, reported)
         if ending is None:
             return
         b.tx.set_meta("ended", endings.Reported(end_time=ending.end_time, kind=ending.kind))
