@@ -105,7 +105,8 @@ def main() -> None:
                 p99 = percentile(starts, 99) * 1000 if starts else float("nan")
                 name = "env" if launcher else "none"
                 print(
-                    f"{name:<9} {delay:>8} {alive:>5}/{args.trials:<3} {median:>16.0f} {p99:>7.0f}"
+                    f"{name:<9} {delay:>8} {alive:>5}/{args.trials:<3} {killed:>7} "
+                    f"{median:>16.0f} {p99:>7.0f}"
                 )
                 results[f"{name}/{delay}"] = {
                     "survived": alive,
