@@ -96,7 +96,9 @@ values = st.recursive(
     msg=st.text() | values,
     args=st.lists(values, max_size=3).map(tuple),
     extra=st.dictionaries(
-        st.text(min_size=1, max_size=8).filter(lambda k: k.isidentifier() and k != "message"),
+        st.text(min_size=1, max_size=8).filter(
+            lambda k: k.isidentifier() and not k.startswith("_")
+        ),
         values,
         max_size=4,
     ),
