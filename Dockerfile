@@ -54,5 +54,7 @@ STOPSIGNAL SIGTERM
 # Docker Engine 25 or newer; the classic builder does not know the flag here).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["adw-agent", "healthcheck", "--config", "/etc/adw-agent/agent.toml"]
-ENTRYPOINT ["adw-agent"]
+# env (coreutils >= 8.31) blocks the stop and reload signals until the agent's handlers take
+# them over, so a signal in the first milliseconds waits instead of killing it.
+ENTRYPOINT ["env", "--block-signal=HUP,TERM,INT", "adw-agent"]
 CMD ["run", "--config", "/etc/adw-agent/agent.toml"]

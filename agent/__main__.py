@@ -1,3 +1,3 @@
-from agent.cli import main
+from agent.boot import main
 
 raise SystemExit(main())

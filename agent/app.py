@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agent import __version__
+from agent import __version__, liveness
 from agent import config as config_module
 from agent.config import Config
 from agent.deliver import Sender, build_client
@@ -146,8 +146,12 @@ class Agent:
         """Run until SIGTERM/SIGINT. Returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
-        if self._early_signals:
+        # Signals caught before the loop existed (see agent.boot): a stop starts and stops
+        # cleanly; a reload re-reads the config, which may have changed since it was loaded.
+        if any(sig != signal.SIGHUP for sig in self._early_signals):
             self._stop()
+        elif self._early_signals:
+            self._request_reload()
         try:
             await self.startup()
         except AgentError as exc:
@@ -711,7 +715,7 @@ class Agent:
                 tx.emit("agent_status", data, "event")
                 # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
                 # stop. In the same transaction: the two must never disagree.
-                tx.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state})
+                tx.set_meta("heartbeat", liveness.stamp(state))
         except StorageError as exc:
             if direct and self._storage_error is not None:
                 # Still failing: the heartbeat goes out directly instead.

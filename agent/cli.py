@@ -9,7 +9,7 @@ loop; a second agent on the same ``storage.dir`` is one too).
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from agent import __version__
+from agent import __version__, boot
 from agent.config import Config, load, preflight
 from agent.errors import AgentError, ConfigError
 
@@ -41,11 +41,10 @@ def _config(args: argparse.Namespace, check: bool = True) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # A stop request that arrives while the agent is still starting must end in a clean
-    # shutdown, not in death by the default SIGTERM action: remember it until the loop runs.
-    early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    # A stop or reload request that arrives while the agent is still starting must not kill
+    # it: the entry point (agent.boot) remembers them until the loop runs; called otherwise,
+    # start remembering now.
+    early: list[int] = args.early_signals if args.early_signals is not None else boot.install()
     from agent import app, logs  # noqa: PLC0415  (keeps light commands fast)
 
     config = _config(args)
@@ -54,12 +53,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.adw_id,
         config.token.get_secret_value() if config.token else None,
     )
+    problem = config.token_file_problem()
+    if problem:
+        logging.getLogger("adw_agent.config").warning("%s", problem)
     return app.run(config, early)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     _print_json(config.redacted())
+    problem = config.token_file_problem()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     print(f"config OK: {config.source}", file=sys.stderr)
     return 0
 
@@ -238,8 +243,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = None) -> int:
+    """Run one command. ``early_signals``: the signals :mod:`agent.boot` has been remembering
+    since the process started (None when called otherwise)."""
     args = parser().parse_args(argv)
+    args.early_signals = early_signals
+    if early_signals is not None and args.command != "run":
+        boot.restore()
     try:
         return int(args.func(args))
     except ConfigError as exc:

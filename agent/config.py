@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -85,16 +86,7 @@ class BackendSection(_Section):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError("has an invalid port") from exc
-        return value.rstrip("/")
+        return check_url(value)
 
     @field_validator("batch_path")
     @classmethod
@@ -108,6 +100,8 @@ class BackendSection(_Section):
     def _valid_path(cls, value: str) -> str:
         if not value.startswith("/") or "{type}" not in value:
             raise ValueError("must start with '/' and contain '{type}'")
+        if any(char.isspace() or not char.isprintable() for char in value):
+            raise ValueError("contains a space or control character")
         return value
 
     def is_loopback(self) -> bool:
@@ -140,6 +134,11 @@ class WatchSection(_Section):
     rescan_interval: PositiveFloat = 30.0
     parse_retry_ms: Annotated[int, Field(ge=1, le=60_000)] = 50
     parse_retries: Annotated[int, Field(ge=0, le=1000)] = 20
+    allow_hardlinks: bool = Field(
+        default=False,
+        description="Read run-directory files that have more than one hard link. Off by "
+        "default: a hard link to a file elsewhere would ship that file's content.",
+    )
 
 
 class DeliverySection(_Section):
@@ -224,11 +223,59 @@ class Config(_Section):
     def adw_id(self) -> str:
         return self.adw.id or self.adw.dir.name
 
+    def token_file_problem(self) -> str | None:
+        """A warning when ``backend.token_file`` can be read or written by other users (as ssh
+        warns about a private key), else None."""
+        path = self.backend.token_file
+        if path is None:
+            return None
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return None
+        if mode & 0o006:
+            return (
+                f"backend.token_file: {path} is readable or writable by other users "
+                f"(mode {mode & 0o777:04o}); restrict it, e.g. chmod 600"
+            )
+        return None
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with the token shown only as present."""
         data = self.model_dump(mode="json")
         data["backend"]["token"] = "<redacted>" if self.token is not None else None
         return data
+
+
+def check_url(value: str) -> str:
+    """The one validation of ``backend.url``, for ``check-config`` and ``run`` alike: what
+    passes here the HTTP client accepts. Messages never quote the URL, which could hold a
+    password."""
+    for position, char in enumerate(value):
+        if char.isspace() or not char.isprintable():
+            raise ValueError(
+                f"contains a space or control character at position {position} (a tab or a "
+                "trailing newline?)"
+            )
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not contain a user name or password; the token is sent as a Bearer header "
+            "(backend.token_file)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    try:
+        httpx.URL(value)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ValueError("is not a URL the HTTP client accepts") from None
+    return value.rstrip("/")
 
 
 def _is_safe_name(name: str) -> bool:
@@ -378,6 +425,12 @@ def preflight(config: Config) -> None:
     the CA bundle exists. Raises :class:`ConfigError` naming the key and the file."""
     where = f"{config.source}: " if config.source else ""
     run_dir = config.adw.dir
+    if run_dir.is_symlink():
+        # The agent opens nothing through a symlink, so it would read nothing there.
+        raise ConfigError(
+            f"{where}adw.dir: {run_dir} is a symlink; the agent does not follow symlinks, "
+            "set it to the real directory"
+        )
     if not run_dir.is_dir():
         raise ConfigError(f"{where}adw.dir: {run_dir} is not a directory")
     if not os.access(run_dir, os.R_OK | os.X_OK):

@@ -25,7 +25,8 @@ appears or grows, as it carries new error text. So error.log first and a failed 
 both in one batch) give one event, while a failed status first and error.log appearing later
 give two, the second with the log's tail.
 
-Warnings follow one rule: once per problem per file, until that file reads fine again.
+Warnings follow one rule: once per problem per file, until that file reads fine again, and at
+most a few per file per minute (see agent.notices).
 
 A transcript whose saved state no longer loads (a damaged store row, or one written by a newer
 version) is frozen: it is not read, since reading it again from the start would count again what
@@ -47,6 +48,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from agent import endings
 from agent.account import (
     PriceTable,
     Tokens,
@@ -57,17 +59,21 @@ from agent.account import (
 )
 from agent.config import Config
 from agent.errors import ReadError, StorageError
-from agent.events import Source
-from agent.outbox import Store, Transaction
+from agent.events import Source, utc_now
+from agent.notices import FileWarnings
+from agent.outbox import Store, Transaction, read_meta
 from agent.read import (
     ERROR_LOG,
     PHASES_FILE,
     STATE_FILE,
     TRANSCRIPT,
+    escape_name,
+    latest_failure_tail,
     read_phases,
     read_state,
     read_tail,
     safe_subdir,
+    unescape_name,
 )
 from agent.transcript import Position, TranscriptError, TranscriptReader
 
@@ -78,8 +84,6 @@ _READ_BUDGET = 8 << 20
 #: Bounds on the run-wide breakdowns, whose keys come from files (see account.fold_key).
 _MAX_MODELS = 32
 _MAX_PHASES = 64
-#: Files whose warnings are remembered; names come from the run directory.
-_MAX_WARNED_FILES = 4096
 _FILES = {"state": STATE_FILE, "phases": PHASES_FILE, "errorlog": ERROR_LOG}
 _MISSING = object()
 _T = TypeVar("_T")
@@ -107,42 +111,6 @@ class _Batch:
     source: Source
     outcome: Outcome = field(default_factory=Outcome)
     cost_changed: bool = False
-
-
-class _Warnings:
-    """Warn once per problem per file, until the file reads fine again.
-
-    At most ``limit`` files are remembered, as their names come from the run directory; beyond
-    that the oldest is forgotten and may be warned about again.
-    """
-
-    def __init__(self, limit: int = _MAX_WARNED_FILES) -> None:
-        self._problems: dict[str, set[str]] = {}
-        self._limit = limit
-
-    def warn(self, file: str, problem: str, message: str, *args: object, path: str) -> None:
-        problems = self._problems.get(file)
-        if problems is None:
-            if len(self._problems) >= self._limit:
-                del self._problems[next(iter(self._problems))]
-            problems = self._problems[file] = set()
-        if problem not in problems:
-            problems.add(problem)
-            log.warning(message, *args, extra={"path": path})
-
-    def ok(self, file: str) -> None:
-        """The file read fine: its problems may be warned about again."""
-        self._problems.pop(file, None)
-
-    def problems(self, file: str) -> set[str] | None:
-        problems = self._problems.get(file)
-        return None if problems is None else set(problems)
-
-    def restore(self, file: str, problems: set[str] | None) -> None:
-        if problems is None:
-            self._problems.pop(file, None)
-        else:
-            self._problems[file] = problems
 
 
 def _phase_update(
@@ -174,9 +142,15 @@ class Pipeline:
         self._transcripts: dict[str, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
         self._frozen: set[str] = set()
-        self._warnings = _Warnings()
+        self._warnings = FileWarnings(log)
         self._last_read_error: dict[str, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
+        self._completions: list[str] = []  # likewise for completed runs (their end_time)
+
+    @property
+    def _hardlinks(self) -> bool:
+        """Whether files with more than one hard link are read (``watch.allow_hardlinks``)."""
+        return self.config.watch.allow_hardlinks
 
     # -- classification -------------------------------------------------------------------
 
@@ -195,10 +169,10 @@ class Pipeline:
         if len(parts) == 1:
             name = parts[0]
             return {STATE_FILE: "state", PHASES_FILE: "phases", ERROR_LOG: "errorlog"}.get(
-                name, f"agent:{name}"
+                name, f"agent:{escape_name(name)}"
             )
         if len(parts) == 2 and parts[1] == TRANSCRIPT:
-            return f"transcript:{parts[0]}"
+            return f"transcript:{escape_name(parts[0])}"
         return None
 
     def all_keys(self) -> set[str]:
@@ -210,7 +184,7 @@ class Pipeline:
             return keys
         for name in names:
             if safe_subdir(self.run_dir, name) is not None:
-                keys.add(f"transcript:{name}")
+                keys.add(f"transcript:{escape_name(name)}")
         return keys | {f"transcript:{a}" for a in self._known_agents()}
 
     def expand(self, keys: Iterable[str]) -> set[str]:
@@ -250,6 +224,8 @@ class Pipeline:
             ):
                 if key in keys and key not in waiting:
                     self._isolated(b, key, partial(step, b))
+            if keys & {"phases", "state"} - waiting:
+                self._isolated(b, "ending", partial(self._ending, b))
         return b.outcome
 
     def snapshot(self) -> Outcome:
@@ -275,17 +251,25 @@ class Pipeline:
             # The store did not record what the readers consumed: rebuild them from the store.
             self._transcripts.clear()
             self._failures.clear()
+            self._completions.clear()
             raise
         # Logged once committed: a batch that is rolled back (disk full) and retried must not
         # report the same failure again and again.
         for reason in self._failures:
             log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
         self._failures.clear()
+        for end_time in self._completions:
+            log.info(
+                "workflow completed",
+                extra={"event_type": "workflow_completed", "end_time": end_time},
+            )
+        self._completions.clear()
 
     def _isolated(self, b: _Batch, key: str, step: Callable[[], None]) -> None:
         """Run one file's step under a savepoint, so that its failure spares the other files."""
         db = self.store.db
         emitted, failures = len(b.tx.emitted), len(self._failures)
+        completions = len(self._completions)
         problems = self._warnings.problems(key)
         db.execute("SAVEPOINT pipeline_file")
         try:
@@ -297,6 +281,7 @@ class Pipeline:
             db.execute("RELEASE pipeline_file")
             del b.tx.emitted[emitted:]
             del self._failures[failures:]
+            del self._completions[completions:]
             # Rebuilt from its saved row next time, so the rolled-back lines are read again.
             self._transcripts.pop(key, None)
             b.outcome.more.discard(key)
@@ -316,7 +301,7 @@ class Pipeline:
 
     def _path_of(self, key: str) -> str:
         if key.startswith("transcript:"):
-            return str(self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT)
+            return str(self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT)
         name = _FILES.get(key)
         return str(self.run_dir / name) if name else str(self.store.path)
 
@@ -353,7 +338,7 @@ class Pipeline:
             )
 
     def _state(self, b: _Batch, force: bool = False) -> None:
-        state = self._read(b, "state", read_state)
+        state = self._read(b, "state", partial(read_state, allow_hardlinks=self._hardlinks))
         if state is None:
             return
         canonical = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
@@ -376,7 +361,7 @@ class Pipeline:
             b.tx.delete("failure_reported")
 
     def _phases(self, b: _Batch) -> None:
-        phases = self._read(b, "phases", read_phases)
+        phases = self._read(b, "phases", partial(read_phases, allow_hardlinks=self._hardlinks))
         if phases is None:
             return
         now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
@@ -425,7 +410,9 @@ class Pipeline:
     def _error_excerpt(self) -> str:
         try:
             return read_tail(
-                self.run_dir / ERROR_LOG, self.config.limits.error_excerpt_bytes
+                self.run_dir / ERROR_LOG,
+                self.config.limits.error_excerpt_bytes,
+                allow_hardlinks=self._hardlinks,
             ).excerpt
         except (FileNotFoundError, ReadError):
             return ""
@@ -433,7 +420,9 @@ class Pipeline:
     def _errorlog(self, b: _Batch) -> None:
         path = self.run_dir / ERROR_LOG
         try:
-            tail = read_tail(path, self.config.limits.error_excerpt_bytes)
+            tail = read_tail(
+                path, self.config.limits.error_excerpt_bytes, allow_hardlinks=self._hardlinks
+            )
         except FileNotFoundError:
             self._warnings.ok("errorlog")
             return
@@ -451,6 +440,57 @@ class Pipeline:
             self._failure(b.tx, reason, tail.excerpt)
         if (previous["ino"], previous["size"]) != (tail.ino, tail.size):
             b.tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
+
+    # -- how the run ended (see agent.endings) ---------------------------------------------
+
+    def _ending(self, b: _Batch) -> None:
+        """Report the run's end once: ``end_time`` in the state, with or without a phase
+        current in a read of completed_phases.json made now, after the state was read."""
+        state = b.tx.get_json("state")
+        if not isinstance(state, dict):
+            return
+        db = self.store.db
+        if read_meta(db, "first_seen") is None:
+            b.tx.set_meta("first_seen", utc_now())
+        reported = read_meta(db, "ended")
+        end_time = endings.end_time_of(state)
+        if end_time is None or (
+            isinstance(reported, dict) and reported.get("end_time") == end_time
+        ):
+            return  # not over, or reported already: no need to read the phases again
+        try:
+            phases = read_phases(
+                self.run_dir / PHASES_FILE,
+                self.config.limits.max_state_bytes,
+                allow_hardlinks=self._hardlinks,
+            )
+            completed, current = phases.completed, phases.current
+        except FileNotFoundError:
+            completed, current = [], None
+        except ReadError as exc:
+            # Half-written: decided when it reads, as a failure must not pass for a success.
+            b.outcome.retry.add("phases")
+            self._last_read_error["phases"] = exc
+            return
+        ending = endings.decide(state, completed, current, reported)
+        if ending is None:
+            return
+        b.tx.set_meta("ended", endings.Reported(end_time=ending.end_time, kind=ending.kind))
+        if ending.kind == "completed":
+            started = state.get("start_time") or read_meta(db, "first_seen")
+            final_cost = float(self._saved_cost(b.tx)["reported"])
+            b.tx.emit("workflow_completed", endings.completed_data(ending, final_cost, started))
+            self._completions.append(ending.end_time)
+        elif not b.tx.get_json("failure_reported"):
+            # An older lineage may have reported this failure already (status or error.log).
+            excerpt = latest_failure_tail(
+                self.run_dir,
+                self.config.limits.error_excerpt_bytes,
+                allow_hardlinks=self._hardlinks,
+            )
+            b.tx.put_json("failure_reported", True)
+            b.tx.emit("workflow_failed", endings.failed_data(ending, excerpt))
+            self._failures.append(ending.reason)
 
     def _failure(self, tx: Transaction, reason: str, excerpt: str) -> None:
         """Queue a failure and mark it reported (when: see the module docstring)."""
@@ -477,7 +517,7 @@ class Pipeline:
 
     def _restore(self, tx: Transaction, key: str) -> _Transcript | None:
         """A reader and ledger from the saved row (new ones without a row); None if frozen."""
-        path = self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT
+        path = self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT
         warn = self._transcript_warning(path)
         try:
             saved = tx.get_json(key)
@@ -501,14 +541,19 @@ class Pipeline:
             )
             return None
         reader = TranscriptReader(
-            path, position, max_line_bytes=self.config.limits.max_line_bytes, on_warning=warn
+            path,
+            position,
+            max_line_bytes=self.config.limits.max_line_bytes,
+            on_warning=warn,
+            allow_hardlinks=self._hardlinks,
         )
         return _Transcript(reader, ledger, saved is not None)
 
     def _transcript(self, b: _Batch, key: str) -> None:
         if key in self._frozen:
             return
-        agent = key.removeprefix("transcript:")
+        # Keys hold the name escaped (see read.escape_name); the file system has the bytes.
+        agent = unescape_name(key.removeprefix("transcript:"))
         if safe_subdir(self.run_dir, agent) is None:
             # Not a real directory (gone, a file, or a symlink that could lead outside the run
             # directory): read nothing; what was counted from it stays in the store.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,14 @@ STATE_FILE = "adw_state.json"
 PHASES_FILE = "completed_phases.json"
 ERROR_LOG = "error.log"
 TRANSCRIPT = "raw_output.jsonl"
+#: The logs a failed run leaves: each ADW script's ``adw_*/execution.log`` and, for runs the
+#: backend started, ``subprocess.log``. Nothing else in the run directory is read for a failure
+#: (``.gh-config/`` holds a GitHub token).
+SCRIPT_LOG = "execution.log"
+SCRIPT_DIR_PREFIX = "adw_"
+SUBPROCESS_LOG = "subprocess.log"
+#: Script folders looked at for their execution.log; a run has a handful.
+_MAX_SCRIPT_DIRS = 256
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -92,8 +101,14 @@ def open_nofollow(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
-    """Open ``path`` for reading without following a symlink; it must be a regular file."""
+def open_regular(
+    path: Path, *, allow_hardlinks: bool = False
+) -> Iterator[tuple[int, os.stat_result]]:
+    """Open ``path`` for reading without following a symlink; it must be a regular file.
+
+    A file with more than one hard link is refused too, unless ``allow_hardlinks``: a hard link
+    placed in the run directory could otherwise ship the content of a file from elsewhere.
+    """
     try:
         fd = open_nofollow(path)
     except FileNotFoundError:
@@ -106,14 +121,20 @@ def open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ReadError(str(path), "is not a regular file")
+        if st.st_nlink > 1 and not allow_hardlinks:
+            raise ReadError(
+                str(path),
+                f"has {st.st_nlink} hard links, refused (set watch.allow_hardlinks = true "
+                "to read it)",
+            )
         yield fd, st
     finally:
         os.close(fd)
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
+def read_bounded(path: Path, limit: int, *, allow_hardlinks: bool = False) -> bytes:
     """The whole file, refusing one larger than ``limit`` bytes without reading it."""
-    with open_regular(path) as (fd, st):
+    with open_regular(path, allow_hardlinks=allow_hardlinks) as (fd, st):
         if st.st_size > limit:
             raise ReadError(str(path), f"is {st.st_size} bytes, over the {limit}-byte limit")
         chunks = []
@@ -130,8 +151,8 @@ def read_bounded(path: Path, limit: int) -> bytes:
     return data
 
 
-def _parse(path: Path, limit: int) -> dict[str, Any]:
-    raw = read_bounded(path, limit)
+def _parse(path: Path, limit: int, allow_hardlinks: bool) -> dict[str, Any]:
+    raw = read_bounded(path, limit, allow_hardlinks=allow_hardlinks)
     if not raw.strip():
         raise ReadError(str(path), "is empty")
     try:
@@ -149,9 +170,9 @@ def _problem(exc: ValidationError) -> str:
     return f"field {where}: {err['msg']}"
 
 
-def read_state(path: Path, limit: int) -> dict[str, Any]:
+def read_state(path: Path, limit: int, *, allow_hardlinks: bool = False) -> dict[str, Any]:
     """The state as plain JSON data, keeping unknown keys. Raises ReadError."""
-    data = _parse(path, limit)
+    data = _parse(path, limit, allow_hardlinks)
     try:
         model = AdwState.model_validate(data)
     except ValidationError as exc:
@@ -159,9 +180,9 @@ def read_state(path: Path, limit: int) -> dict[str, Any]:
     return {k: v for k, v in model.model_dump(mode="json").items() if k in data}
 
 
-def read_phases(path: Path, limit: int) -> CompletedPhases:
+def read_phases(path: Path, limit: int, *, allow_hardlinks: bool = False) -> CompletedPhases:
     """The completed phases as a model, keeping unknown keys. Raises ReadError."""
-    data = _parse(path, limit)
+    data = _parse(path, limit, allow_hardlinks)
     try:
         return CompletedPhases.model_validate(data)
     except ValidationError as exc:
@@ -177,9 +198,9 @@ class LogTail:
     excerpt: str
 
 
-def read_tail(path: Path, limit: int) -> LogTail:
+def read_tail(path: Path, limit: int, *, allow_hardlinks: bool = False) -> LogTail:
     """The last ``limit`` bytes of a file, cut to whole lines where possible."""
-    with open_regular(path) as (fd, st):
+    with open_regular(path, allow_hardlinks=allow_hardlinks) as (fd, st):
         start = max(0, st.st_size - limit)
         data = os.pread(fd, limit, start)
     if start > 0 and b"\n" in data[:-1]:
@@ -196,3 +217,87 @@ def safe_subdir(run_dir: Path, name: str) -> Path | None:
     except OSError:
         return None
     return path if stat.S_ISDIR(st.st_mode) else None
+
+
+def _mtime_ns(directory: Path, name: str) -> int | None:
+    """The modification time of the regular file ``directory/name``, following no symlink."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None
+
+
+def failure_logs(run_dir: Path) -> list[Path]:
+    """The failure logs that exist now: ``adw_*/execution.log`` and ``subprocess.log``, the one
+    written last first. Script folders that are symlinks are skipped, and at most a few hundred
+    folders are looked at, whatever the run directory holds."""
+    found: list[tuple[int, str, Path]] = []
+    mtime = _mtime_ns(run_dir, SUBPROCESS_LOG)
+    if mtime is not None:
+        found.append((mtime, SUBPROCESS_LOG, run_dir / SUBPROCESS_LOG))
+    try:
+        with os.scandir(run_dir) as entries:
+            seen = 0
+            for entry in entries:
+                if not entry.name.startswith(SCRIPT_DIR_PREFIX):
+                    continue
+                seen += 1
+                if seen > _MAX_SCRIPT_DIRS:
+                    break
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                mtime = _mtime_ns(Path(entry.path), SCRIPT_LOG)
+                if mtime is not None:
+                    found.append((mtime, entry.name, Path(entry.path) / SCRIPT_LOG))
+    except OSError:
+        pass
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [path for _, _, path in found]
+
+
+def latest_failure_tail(run_dir: Path, limit: int, *, allow_hardlinks: bool = False) -> str:
+    """The bounded tail of the failure log written last (see :func:`failure_logs`), or "" when
+    there is none that can be read."""
+    for path in failure_logs(run_dir):
+        try:
+            return read_tail(path, limit, allow_hardlinks=allow_hardlinks).excerpt
+        except (OSError, ReadError):
+            continue
+    return ""
+
+
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def escape_name(name: str) -> str:
+    """A directory name as it appears in events, logs and the store: valid UTF-8 text.
+
+    Python keeps the bytes of a name that is not UTF-8 as lone surrogates, which can be neither
+    stored nor sent as JSON. They become ``\\xNN``, and a backslash becomes ``\\\\`` so that the
+    escaping can be undone (:func:`unescape_name`); other names are unchanged.
+    """
+    if "\\" not in name and not any("\udc80" <= ch <= "\udcff" for ch in name):
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_name(text: str) -> str:
+    """The directory name :func:`escape_name` made ``text`` from."""
+    if "\\" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)), text)

@@ -46,6 +46,11 @@ def describe(event: dict[str, Any]) -> str:
     elif kind == "workflow_failed":
         excerpt = (data.get("error_excerpt") or "").strip().splitlines()
         detail = f"{data.get('reason')}: {excerpt[-1] if excerpt else ''}"
+    elif kind == "workflow_completed":
+        detail = (
+            f"${data.get('final_cost') or 0:.6f} done={data.get('completed_phases')} "
+            f"in {data.get('duration_s')}s"
+        )
     elif kind == "agent_status":
         detail = f"{data.get('state')} outbox={data.get('outbox_depth')}"
     else:

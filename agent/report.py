@@ -16,10 +16,12 @@ from typing import Any
 
 import orjson
 
+from agent import liveness
 from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
 from agent.errors import StorageError
 from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
+from agent.read import escape_name
 
 
 def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
@@ -31,8 +33,9 @@ def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
         "estimate_complete": all(c.estimate_complete for c in costs),
         "transcripts": [
             {
-                "path": c.path,
-                "agent": c.agent,
+                # Names that are not UTF-8 are escaped, as in events (see read.escape_name).
+                "path": escape_name(str(c.path)),
+                "agent": escape_name(c.agent),
                 "cost": round(c.cost, 10),
                 "settled": round(c.settled, 10),
                 "final": c.final,
@@ -114,6 +117,7 @@ def status_report(config: Config) -> dict[str, Any]:
             "last_delivery": read_meta(db, "last_delivery"),
             "heartbeat": read_meta(db, "heartbeat"),
             "sender": read_meta(db, "sender"),
+            "ended": read_meta(db, "ended"),
             "dead_letter_list": dead_letter_rows(db),
             "transcripts": transcripts,
             "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
@@ -140,6 +144,9 @@ def print_status(r: dict[str, Any]) -> None:
     if problem:
         print(f"delivery      {problem} (since {_ago(r['sender'].get('since'))})")
     print(f"last seq      {r['seq']}")
+    ended = r.get("ended")
+    if isinstance(ended, dict):
+        print(f"run ended     {ended.get('kind')} at {ended.get('end_time')}")
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
         print(f"  seq {row['seq']} {row['type']} -> {row['status']}: {row['response'][:60]}")
@@ -156,17 +163,27 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
     """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
     stopped), the sender reported that delivery cannot progress (the backend redirects, the
     sender stalled), or the oldest undelivered event has waited longer than ``max_stuck``
-    seconds."""
+    seconds.
+
+    The heartbeat's age is taken from the monotonic clock (see :mod:`agent.liveness`); one
+    whose age cannot be known counts as unhealthy."""
     with _reading(config.storage.dir) as db:
         beat = read_meta(db, "heartbeat")
         sender = read_meta(db, "sender")
         stats = outbox_stats(db)
     allowed = 3 * config.intervals.heartbeat + 5
-    if not beat or now - beat["at"] > allowed:
-        age = "never" if not beat else f"{now - beat['at']:.0f}s ago"
-        return f"no heartbeat within {allowed:.0f}s (last {age})"
+    if not beat:
+        return f"no heartbeat within {allowed:.0f}s (last never)"
+    beat_age = liveness.age(beat, now, time.monotonic(), liveness.boot_id())
+    if beat_age is None:
+        return (
+            "heartbeat age unknown (written before a reboot, or the clock went back): "
+            "liveness cannot be judged"
+        )
+    if beat_age > allowed:
+        return f"no heartbeat within {allowed:.0f}s (last {beat_age:.0f}s ago)"
     if beat.get("state") == "stopping":
-        return f"the agent stopped {now - beat['at']:.0f}s ago"
+        return f"the agent stopped {beat_age:.0f}s ago"
     if isinstance(sender, dict) and sender.get("problem"):
         return f"delivery cannot progress: {sender['problem']}"
     age = stats["oldest_undelivered_age"]

@@ -141,6 +141,7 @@ class TranscriptReader:
     """
 
     __slots__ = (
+        "_allow_hardlinks",
         "_dev",
         "_fingerprint",
         "_head",
@@ -163,6 +164,8 @@ class TranscriptReader:
         max_line_bytes: int = 8 * 1024 * 1024,
         read_size: int = 1 << 20,
         on_warning: Callable[[str], None] | None = None,
+        *,
+        allow_hardlinks: bool = False,
     ) -> None:
         if max_line_bytes < 1 or read_size < 1:
             raise ValueError("max_line_bytes and read_size must be positive")
@@ -170,6 +173,7 @@ class TranscriptReader:
         self._max_line = max_line_bytes
         self._read_size = read_size
         self._on_warning = on_warning
+        self._allow_hardlinks = allow_hardlinks
         # Without a saved position the first file seen is taken as-is.
         self._known = position is not None
         pos = position or Position(0, 0, 0, None)
@@ -209,6 +213,12 @@ class TranscriptReader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafeFile(str(self._path), "is not a regular file")
+            if st.st_nlink > 1 and not self._allow_hardlinks:
+                # A hard link to a file elsewhere would ship that file's content.
+                raise UnsafeFile(
+                    str(self._path),
+                    f"has {st.st_nlink} hard links, refused (watch.allow_hardlinks is off)",
+                )
             restarted = self._must_restart(fd, st)
             if restarted:
                 self._restart()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import Config, load, preflight
+from agent.config import Config, check_url, load, preflight
 from agent.errors import ConfigError
 
 TOKEN = "s3cret-token-value"
@@ -320,3 +320,28 @@ def test_batch_max_and_batch_path(tmp_path: Path) -> None:
         )
     add(path, "backend", 'batch_path = "events"')
     assert "backend.batch_path: must start with '/'" in load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://alice:hunter2@127.0.0.1:9", "user name or password"),
+        ("https://alice@backend.example", "user name or password"),
+        ("http://127.0.0.1:9\t/api", "position 18"),
+        ("http://127.0.0.1:9\n", "position 18"),
+        ("http://127.0.0.1:9/a b", "space or control"),
+        ("http://127.0.0.1:9/\x7f", "space or control"),
+        ("http://127.0.0.1:99999", "invalid port"),
+        ("ftp://127.0.0.1", "http:// or https://"),
+    ],
+)
+def test_check_url_refuses_what_the_client_would_and_never_quotes_it(url: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words) as raised:
+        check_url(url)
+    assert "hunter2" not in str(raised.value)
+    assert "alice" not in str(raised.value)
+
+
+def test_check_url_keeps_good_urls() -> None:
+    assert check_url("https://adw.example.com/") == "https://adw.example.com"
+    assert check_url("http://[::1]:8002/base") == "http://[::1]:8002/base"

@@ -198,3 +198,60 @@ def test_file_names() -> None:
         "error.log",
         "raw_output.jsonl",
     )
+
+
+# -- failure logs and hard links ----------------------------------------------------------
+
+
+def _log(path: Path, text: str, mtime_ns: int) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_the_failure_excerpt_is_the_tail_of_the_log_written_last(tmp_path: Path) -> None:
+    base = 1_700_000_000 * 10**9
+    _log(tmp_path / "adw_plan_iso" / "execution.log", "plan ok\n", base)
+    _log(tmp_path / "adw_build_iso" / "execution.log", "x\n" * 100 + "build broke\n", base + 2)
+    _log(tmp_path / "subprocess.log", "started\n", base + 1)
+    assert read.failure_logs(tmp_path)[0] == tmp_path / "adw_build_iso" / "execution.log"
+    excerpt = read.latest_failure_tail(tmp_path, 64)
+    assert excerpt.endswith("build broke")
+    assert len(excerpt.encode()) <= 64
+    _log(tmp_path / "adw_sdlc_complete_iso" / "execution.log", "Build phase failed\n", base + 3)
+    assert read.latest_failure_tail(tmp_path, 64) == "Build phase failed"
+    _log(tmp_path / "subprocess.log", "Traceback: boom\n", base + 4)
+    assert read.latest_failure_tail(tmp_path, 64) == "Traceback: boom"
+
+
+def test_failure_logs_read_nothing_else(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    _log(outside / "execution.log", "secret from elsewhere\n", 2 * 10**18)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adw_evil_iso").symlink_to(outside)
+    _log(run / ".gh-config" / "execution.log", "token\n", 2 * 10**18)
+    _log(run / "sdlc_planner" / "execution.log", "not a script folder\n", 2 * 10**18)
+    (run / "adw_linked").mkdir()
+    (run / "adw_linked" / "execution.log").symlink_to(outside / "execution.log")
+    assert read.failure_logs(run) == []
+    assert read.latest_failure_tail(run, 4096) == ""
+
+
+def test_a_hard_linked_failure_log_is_skipped_unless_allowed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.log"
+    outside.write_text("content from elsewhere\n")
+    run = tmp_path / "run"
+    (run / "adw_build_iso").mkdir(parents=True)
+    os.link(outside, run / "adw_build_iso" / "execution.log")
+    assert read.latest_failure_tail(run, 4096) == ""
+    assert read.latest_failure_tail(run, 4096, allow_hardlinks=True) == "content from elsewhere"
+
+
+def test_hard_linked_state_is_refused_unless_allowed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"adw_id": "x"}')
+    os.link(elsewhere, tmp_path / "adw_state.json")
+    with pytest.raises(ReadError, match="hard links"):
+        read_state(tmp_path / "adw_state.json", LIMIT)
+    assert read_state(tmp_path / "adw_state.json", LIMIT, allow_hardlinks=True) == {"adw_id": "x"}

@@ -172,3 +172,17 @@ def test_dead_letters_never_creates_a_store(config: Config) -> None:
     with pytest.raises(StorageError):
         dead_letters(config, None, True)
     assert not (config.storage.dir / "agent.sqlite3").exists()
+
+
+def test_status_tells_how_the_run_ended(
+    config: Config, store: Store, writer: AdwWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(config, store, writer)
+    assert status_report(config)["ended"] is None
+    writer.phases(["Plan"], "Build")
+    writer.state({"adw_id": "55b761f6", "issue_number": "7", "end_time": "2026-11-30T12:00:00"})
+    Pipeline(config, store).process({"phases", "state"})
+    report = status_report(config)
+    assert report["ended"] == {"end_time": "2026-11-30T12:00:00", "kind": "failed"}
+    print_status(report)
+    assert "run ended     failed at 2026-11-30T12:00:00" in capsys.readouterr().out

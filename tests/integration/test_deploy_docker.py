@@ -81,7 +81,7 @@ def test_runs_as_a_non_root_user(steps: list[tuple[str, str]]) -> None:
 
 def test_entrypoint_and_cmd_are_exec_form(steps: list[tuple[str, str]]) -> None:
     stage = dict(final_stage(steps))
-    assert exec_form(stage["ENTRYPOINT"]) == ["adw-agent"]
+    assert exec_form(stage["ENTRYPOINT"]) == ["env", "--block-signal=HUP,TERM,INT", "adw-agent"]
     assert exec_form(stage["CMD"]) == ["run", "--config", CONFIG_IN_IMAGE]
 
 

@@ -69,7 +69,9 @@ def test_the_unit_runs_one_agent_per_adw_id_the_way_the_agent_expects() -> None:
     d = directives(UNIT.read_text())
     assert one(d, "Type") == "notify"
     assert one(d, "NotifyAccess") == "main"
-    assert one(d, "ExecStart") == f"{INSTALLED} run --config /etc/adw-agent/%i.toml"
+    assert one(d, "ExecStart") == (
+        f"/usr/bin/env --block-signal=HUP,TERM,INT {INSTALLED} run --config /etc/adw-agent/%i.toml"
+    )
     assert one(d, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(d, "LoadCredential") == f"{CREDENTIAL_NAME}:/etc/adw-agent/%i.token"
     assert one(d, "StateDirectory") == "adw-agent/%i"
