@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # The demo prints the events; warnings about its simulated failure would be noise.
     logs.setup("error")
-    return demo.run(args.duration)
+    return demo.run(args.duration, args.linger)
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -208,6 +208,13 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run everything on a built-in simulated workflow")
     demo.add_argument("--duration", type=float, default=8.0, help="seconds (at most 55)")
+    demo.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep serving the live page S seconds after the simulation",
+    )
     demo.set_defaults(func=cmd_demo)
 
     cost = sub.add_parser("cost", help="cost of a transcript or a run directory, offline")
