@@ -1,0 +1,197 @@
+"""Live updates to WebSocket clients, and between replicas through PostgreSQL.
+
+Each client has a bounded queue. Publishing never waits: a client whose queue is full has
+fallen behind, and it is dropped (closed with 1013, "try again later"; the live page
+reconnects and starts again from a snapshot) rather than slow ingestion or the other clients.
+A message is serialised once, whatever the number of clients.
+
+With PostgreSQL, a replica that applies an event also sends ``NOTIFY`` in the same transaction
+(see :mod:`adw_backend.store`); :class:`PgListener` in every replica reads those, skips its
+own, loads the event and projection from the database and publishes them to its own clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from adw_backend.errors import DatabaseUnavailable
+from adw_backend.projection import Projection
+from adw_backend.store import Applied, Store
+
+log = logging.getLogger(__name__)
+
+
+def event_message(item: Applied) -> dict[str, Any]:
+    """The seed plan's message shape for one applied event."""
+    ev = item.event
+    return {
+        "type": ev["type"],
+        "data": {
+            **ev["data"],
+            "adw_id": ev["adw_id"],
+            "seq": ev["seq"],
+            "epoch": ev["epoch"],
+            "workflow": item.projection,
+        },
+        "timestamp": ev["timestamp"],
+        "source": item.source,
+    }
+
+
+def snapshot_message(projections: list[Projection], timestamp: str) -> dict[str, Any]:
+    return {
+        "type": "workflows_snapshot",
+        "data": {"workflows": projections},
+        "timestamp": timestamp,
+        "source": "backend",
+    }
+
+
+def deleted_message(adw_id: str, timestamp: str) -> dict[str, Any]:
+    return {
+        "type": "workflow_deleted",
+        "data": {"adw_id": adw_id},
+        "timestamp": timestamp,
+        "source": "backend",
+    }
+
+
+class Client:
+    """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop"."""
+
+    def __init__(self, bound: int) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=bound)
+        self.dropped = False
+
+    def offer(self, text: str) -> bool:
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def drop(self) -> None:
+        """Stop the sender: empty the queue so the stop marker fits."""
+        self.dropped = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class Hub:
+    """The connected clients of this process. Call every method from the event loop,
+    except :meth:`publish_threadsafe`."""
+
+    def __init__(self, bound: int) -> None:
+        self._bound = bound
+        self._clients: set[Client] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.dropped_total = 0
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def add(self) -> Client:
+        client = Client(self._bound)
+        self._clients.add(client)
+        return client
+
+    def remove(self, client: Client) -> None:
+        self._clients.discard(client)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        if not self._clients:
+            return
+        text = orjson.dumps(message).decode()
+        for client in list(self._clients):
+            if not client.offer(text):
+                self._clients.discard(client)
+                self.dropped_total += 1
+                log.warning("dropped a WebSocket client that fell %d messages behind", self._bound)
+                client.drop()
+
+    def publish_threadsafe(self, message: dict[str, Any]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: shutting down
+                self.loop.call_soon_threadsafe(self.publish, message)
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            client.drop()
+        self._clients.clear()
+
+
+class PgListener:
+    """A thread that LISTENs on the notify channel and republishes other replicas' events.
+
+    Its own connection is reconnected after an error (the database restarting), with a pause.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        channel: str,
+        store: Store,
+        deliver: Callable[[dict[str, Any]], None],
+        now: Callable[[], str],
+    ) -> None:
+        self._conninfo = conninfo
+        self._channel = channel
+        self._store = store
+        self._deliver = deliver
+        self._now = now
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import psycopg  # noqa: PLC0415  (only with PostgreSQL)
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {self._channel}")  # the name is validated in Settings
+                    self.ready.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._handle(note.payload)
+            except psycopg.Error as exc:
+                self.ready.clear()
+                log.warning("listening for other replicas failed, retrying: %s", exc)
+                self._stop.wait(1.0)
+
+    def _handle(self, payload: str) -> None:
+        try:
+            note = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(note, dict) or note.get("origin") == self._store.origin:
+            return
+        if "deleted" in note:
+            self._deliver(deleted_message(str(note["deleted"]), self._now()))
+            return
+        event_id = str(note.get("event_id", ""))
+        if not event_id:
+            return
+        try:
+            item = self._store.event_message(event_id)
+        except DatabaseUnavailable:
+            log.warning("cannot load a replicated event %s", event_id)
+            return
+        if item is not None:
+            self._deliver(event_message(item))

@@ -1,0 +1,434 @@
+"""The routes, as a router any FastAPI app mounts with one call.
+
+::
+
+    from adw_backend import Settings, create_router
+
+    app.include_router(create_router(settings=Settings(database_url="sqlite:///adw.db")))
+
+The router carries its own lifespan (FastAPI merges a router's lifespan into the app's on
+``include_router``): it creates the tables, binds the WebSocket hub to the running loop and,
+on PostgreSQL, starts listening to the other replicas. If a host mounts it in a way that skips
+lifespans, the first request does the same. Every error is answered here, inside the routes,
+so the host app needs no exception handler: bad input is a 4xx with a one-line ``detail``, a
+database that does not answer is a 503, and nothing the client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import anyio
+import orjson
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, Response
+from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
+from starlette.websockets import WebSocketDisconnect
+
+from adw_backend.broadcast import (
+    Hub,
+    PgListener,
+    deleted_message,
+    event_message,
+    snapshot_message,
+)
+from adw_backend.errors import (
+    BackendError,
+    BadInput,
+    DatabaseUnavailable,
+    InvalidEvent,
+    TooLarge,
+    Unauthorized,
+)
+from adw_backend.projection import EventView, Projection, Status
+from adw_backend.settings import Settings
+from adw_backend.store import Applied, Outcome, Store
+from agent.events import DATA_MODELS, Event, check_data, utc_now
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[Projection], Awaitable[None] | None]
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_ID = 200
+MAX_TIMESTAMP = 64
+SNAPSHOT_LIMIT = 1000
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(value), status, headers, media_type="application/json")
+
+
+def _problem(exc: BackendError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    if isinstance(exc, DatabaseUnavailable):
+        headers = {"Retry-After": "1"}
+    return _json({"detail": str(exc)}, exc.status, headers)
+
+
+def _reason(error: ErrorDetails) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+class Service:
+    """What the routes share: the store, the hub and, on PostgreSQL, the listener."""
+
+    def __init__(self, settings: Settings, on_applied: OnApplied | None) -> None:
+        self.settings = settings
+        self.on_applied = on_applied
+        self.store = Store(
+            settings.sqlalchemy_url,
+            cost_points=settings.cost_points,
+            notify_channel=settings.notify_channel,
+            origin=uuid.uuid4().hex,
+        )
+        self.hub = Hub(settings.ws_queue)
+        self.listener: PgListener | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.hub.loop = asyncio.get_running_loop()
+        try:
+            await anyio.to_thread.run_sync(self.store.setup)
+        except DatabaseUnavailable:
+            log.warning("database unavailable at start; requests answer 503 until it is back")
+        if self.store.is_postgres:
+            url = self.store.engine.url.set(drivername="postgresql")
+            self.listener = PgListener(
+                url.render_as_string(hide_password=False),
+                self.settings.notify_channel,
+                self.store,
+                self.hub.publish_threadsafe,
+                utc_now,
+            )
+            self.listener.start()
+
+    async def stop(self) -> None:
+        self.hub.close()
+        if self.listener is not None:
+            await anyio.to_thread.run_sync(self.listener.stop)
+        self.store.close()
+        self._started = False
+
+    async def ingest(self, batch: list[EventView], sources: list[str]) -> Outcome:
+        await self.start()
+        outcome = await anyio.to_thread.run_sync(
+            self.store.ingest, list(zip(batch, sources, strict=True))
+        )
+        for item in outcome.applied:
+            self.hub.publish(event_message(item))
+            await self._notify(item)
+        return outcome
+
+    async def _notify(self, item: Applied) -> None:
+        if self.on_applied is None:
+            return
+        try:
+            result = self.on_applied(item.projection)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            # The event is stored and broadcast; the host's own update failing must not make
+            # the agent send it again.
+            log.exception("on_applied callback failed for %s", item.event["adw_id"])
+
+    def authorize(self, header: str | None, *, write: bool) -> None:
+        """Constant-time check of a bearer token against every configured token."""
+        settings = self.settings
+        if not settings.auth_enabled:
+            return
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing Authorization: Bearer token")
+        given = token.strip().encode()
+        writes = [
+            hmac.compare_digest(given, t.get_secret_value().encode()) for t in settings.tokens
+        ]
+        reads = [
+            hmac.compare_digest(given, t.get_secret_value().encode()) for t in settings.read_tokens
+        ]
+        if any(writes) or (not write and any(reads)):
+            return
+        raise Unauthorized("this token may not write" if any(reads) else "invalid token")
+
+
+def _same(given: bytes, token: SecretStr) -> bool:
+    return hmac.compare_digest(given, token.get_secret_value().encode())
+
+
+def parse_event(raw: object, where: str = "") -> tuple[EventView, str]:
+    """A checked event from decoded JSON, or :class:`InvalidEvent` with one line."""
+    try:
+        event = Event.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidEvent(f"{where}invalid envelope: {_reason(exc.errors()[0])}") from None
+    for name, value, bound in (
+        ("event_id", event.event_id, MAX_ID),
+        ("adw_id", event.adw_id, MAX_ID),
+        ("timestamp", event.timestamp, MAX_TIMESTAMP),
+    ):
+        if not value or len(value) > bound or "\x00" in value:
+            raise InvalidEvent(f"{where}invalid envelope: {name}: empty or over {bound} characters")
+    try:
+        datetime.fromisoformat(event.timestamp)
+    except ValueError:
+        raise InvalidEvent(f"{where}invalid envelope: timestamp: not ISO 8601") from None
+    try:
+        data = check_data(event.type, event.data)
+    except ValidationError as exc:
+        reason = _reason(exc.errors()[0])
+        raise InvalidEvent(f"{where}data does not fit {event.type}: {reason}") from None
+    view: EventView = {
+        "type": event.type,
+        "event_id": event.event_id,
+        "adw_id": event.adw_id,
+        "epoch": event.epoch,
+        "seq": event.seq,
+        "timestamp": event.timestamp,
+        "data": data,
+    }
+    return view, event.source
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to be over ``limit`` (before parsing)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise TooLarge(f"body over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(body: bytes) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"body is not JSON: {exc}") from None
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int = 2**62) -> int:
+    """A query parameter as an int in [low, high]; one-line 400 otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadInput(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _status_param(request: Request) -> Status | None:
+    raw = request.query_params.get("status")
+    if raw is None or raw == "":
+        return None
+    for status in get_args(Status):
+        if raw == status:
+            return cast(Status, status)
+    raise BadInput("status must be running, completed or failed")
+
+
+def create_router(*, settings: Settings, on_applied: OnApplied | None = None) -> APIRouter:
+    """The backend's routes. ``on_applied(projection)`` (plain or async) is called after each
+    newly applied event with its workflow's new projection, so a host app can update its own
+    tables or broadcast its own message; an exception in it is logged, not answered."""
+    service = Service(settings, on_applied)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    router = APIRouter(lifespan=lifespan)
+
+    @router.post("/api/v1/event/{event_type}")
+    async def post_event(event_type: str, request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=True)
+            if event_type not in DATA_MODELS:
+                raise BadInput(f"unknown event type {event_type[:60]!r}")
+            body = await read_body(request, settings.max_event_bytes)
+            view, source = parse_event(_decode(body))
+            if view["type"] != event_type:
+                raise BadInput(f"the path says {event_type} but the event is {view['type']}")
+            key = request.headers.get("idempotency-key")
+            if key is not None and key != view["event_id"]:
+                raise BadInput("Idempotency-Key differs from the event's event_id")
+            outcome = await service.ingest([view], [source])
+        except BackendError as exc:
+            return _problem(exc)
+        return _json({"accepted": len(outcome.applied), "duplicates": outcome.duplicates})
+
+    @router.post("/api/v1/events")
+    async def post_events(request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=True)
+            body = await read_body(request, settings.max_batch_bytes)
+            raw = _decode(body)
+            if not isinstance(raw, list):
+                raise BadInput("body must be a JSON array of events")
+            if len(raw) > settings.max_batch_events:
+                raise TooLarge(f"more than {settings.max_batch_events} events in one batch")
+            parsed = [parse_event(item, f"event {i}: ") for i, item in enumerate(raw)]
+            outcome = await service.ingest([v for v, _ in parsed], [s for _, s in parsed])
+        except BackendError as exc:
+            return _problem(exc)
+        return _json({"accepted": len(outcome.applied), "duplicates": outcome.duplicates})
+
+    @router.get("/api/v1/workflows")
+    async def list_workflows(request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=False)
+            status = _status_param(request)
+            await service.start()
+            found = await anyio.to_thread.run_sync(service.store.workflows, status)
+        except BackendError as exc:
+            return _problem(exc)
+        return _json({"workflows": found})
+
+    @router.get("/api/v1/workflows/{adw_id}")
+    async def get_workflow(adw_id: str, request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=False)
+            await service.start()
+            found = await anyio.to_thread.run_sync(service.store.workflow, adw_id)
+        except BackendError as exc:
+            return _problem(exc)
+        return _json(found)
+
+    @router.get("/api/v1/workflows/{adw_id}/events")
+    async def get_events(adw_id: str, request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=False)
+            after_seq = _int_param(request, "after_seq", -1, -1)
+            limit = _int_param(request, "limit", 100, 1, 1000)
+            after_epoch = (
+                _int_param(request, "after_epoch", 0, 0)
+                if "after_epoch" in request.query_params
+                else None
+            )
+            await service.start()
+            found = await anyio.to_thread.run_sync(
+                lambda: service.store.events(
+                    adw_id, after_seq=after_seq, after_epoch=after_epoch, limit=limit
+                )
+            )
+        except BackendError as exc:
+            return _problem(exc)
+        return _json({"events": found})
+
+    @router.delete("/api/v1/workflows/{adw_id}")
+    async def delete_workflow(adw_id: str, request: Request) -> Response:
+        try:
+            service.authorize(request.headers.get("authorization"), write=True)
+            await service.start()
+            await anyio.to_thread.run_sync(service.store.delete, adw_id)
+        except BackendError as exc:
+            return _problem(exc)
+        service.hub.publish(deleted_message(adw_id, utc_now()))
+        return _json({"deleted": adw_id})
+
+    @router.get("/healthz")
+    async def healthz() -> Response:
+        try:
+            await service.start()
+            await anyio.to_thread.run_sync(service.store.ping)
+        except BackendError as exc:
+            return _problem(exc)
+        return _json({"status": "ok", "ws_clients": service.hub.clients})
+
+    @router.get("/", response_model=None)
+    async def page() -> Response:
+        index = STATIC / "index.html"
+        if not index.is_file():
+            return _json({"detail": "the live page is not installed"}, 404)
+        return FileResponse(index, media_type="text/html")
+
+    @router.websocket("/ws/workflows")
+    async def ws_workflows(websocket: WebSocket) -> None:
+        await _serve_ws(service, websocket)
+
+    return router
+
+
+async def _serve_ws(service: Service, websocket: WebSocket) -> None:
+    """Snapshot first, then every applied event, until the client leaves or falls behind.
+
+    Browsers cannot set headers on a WebSocket, so the token may also come as ``?token=``.
+    """
+    header = websocket.headers.get("authorization")
+    if header is None and "token" in websocket.query_params:
+        header = f"Bearer {websocket.query_params['token']}"
+    try:
+        service.authorize(header, write=False)
+    except Unauthorized as exc:
+        with contextlib.suppress(RuntimeError):
+            await websocket.send_denial_response(_problem(exc))
+            return
+        await websocket.close(code=1008)
+        return
+    await service.start()
+    await websocket.accept()
+    # Registered before the snapshot is read, so no event falls between the two.
+    client = service.hub.add()
+    try:
+        try:
+            found = await anyio.to_thread.run_sync(service.store.workflows, None)
+        except DatabaseUnavailable:
+            await websocket.close(code=1011, reason="database unavailable")
+            return
+        snapshot = snapshot_message(found[:SNAPSHOT_LIMIT], utc_now())
+        await websocket.send_text(orjson.dumps(snapshot).decode())
+
+        async def pump() -> Literal["dropped"]:
+            while True:
+                text = await client.queue.get()
+                if text is None:
+                    return "dropped"
+                await websocket.send_text(text)
+
+        async def listen() -> None:
+            # Clients have nothing to say; reading only notices that they left.
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
+
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(listen())]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if task.exception() is None and task.result() == "dropped":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        websocket.close(code=1013, reason="fell behind"), timeout=1.0
+                    )
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        service.hub.remove(client)

@@ -1,0 +1,57 @@
+"""``adw-agent serve``: the standalone backend under uvicorn.
+
+The listening socket is bound here, before uvicorn starts, so that ``--port 0`` can print the
+real URL as the first line of standard output (tests and scripts read it); uvicorn's own
+messages go to standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from adw_backend.app import create_app
+from adw_backend.errors import SettingsError
+from adw_backend.settings import Settings
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(f"--host/--port {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def run(settings: Settings, host: str, port: int, log_level: str = "warning") -> int:
+    """Serve until interrupted; returns the exit code."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    sock = bind(host, port)
+    sys.stdout.write(url_of(sock) + "\n")
+    sys.stdout.flush()
+    config = uvicorn.Config(
+        create_app(settings=settings),
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        # Keep-alive connections from agents are long-lived; ping so dead peers go away.
+        ws_ping_interval=20.0,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0
