@@ -7,15 +7,29 @@ messages go to standard error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 
 from adw_backend.app import create_app
 from adw_backend.errors import SettingsError
 from adw_backend.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn re-raises SIGTERM after a graceful shutdown, so the process would end "killed by
+    SIGTERM"; a stop that was asked for and carried out is a success (exit 0) here."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+        yield
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,6 +66,6 @@ def run(settings: Settings, host: str, port: int, log_level: str = "warning") ->
         # Keep-alive connections from agents are long-lived; ping so dead peers go away.
         ws_ping_interval=20.0,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run(sockets=[sock])
     return 0
