@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -288,14 +289,31 @@ async def _demo(duration: float, linger: float) -> int:
             await watcher.quiet()
             print(_summary(watcher), flush=True)
             if linger > 0:
-                print(f"the live page stays up for {linger:g} s: {url}/", flush=True)
-                await asyncio.sleep(linger)
+                print(
+                    f"the live page stays up for {linger:g} s: {url}/ (Ctrl-C ends it)", flush=True
+                )
+                await _linger(linger)
         finally:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watching
             await backend.stop()
     return code
+
+
+async def _linger(seconds: float) -> None:
+    """Serve until the time is up or SIGINT/SIGTERM arrives (the agent's own handlers are
+    gone with the agent, so the demo installs its own for this last stretch)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _simulate_and_watch(tmp: Path, url: str, duration: float) -> int:
