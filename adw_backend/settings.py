@@ -42,7 +42,13 @@ class Settings(BaseModel):
     max_event_bytes: int = Field(default=1 * MiB, ge=1024)
     max_batch_bytes: int = Field(default=16 * MiB, ge=1024)
     max_batch_events: int = Field(default=1000, ge=1, le=100_000)
-    ws_queue: int = Field(default=256, ge=1, description="Per-client WebSocket queue bound.")
+    ws_queue: int = Field(
+        default=1024,
+        ge=1,
+        description="Messages a WebSocket client may have pending before it is dropped. A batch "
+        "publishes one message per event at once, so keep it above max_batch_events; the text "
+        "of a message is shared by every client, so memory grows with this, not with clients.",
+    )
     cost_points: int = Field(default=500, ge=2, description="Cost points kept per workflow.")
     notify_channel: str = Field(default="adw_backend_events", pattern=r"^[a-z_][a-z0-9_]*$")
 
