@@ -360,7 +360,10 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
             await anyio.to_thread.run_sync(service.store.ping)
         except BackendError as exc:
             return _problem(exc)
-        return _json({"status": "ok", "ws_clients": service.hub.clients})
+        listener = service.listener
+        # null without PostgreSQL; false while this replica cannot hear the others.
+        listening = None if listener is None else listener.ready.is_set()
+        return _json({"status": "ok", "ws_clients": service.hub.clients, "listening": listening})
 
     @router.get("/", response_model=None)
     async def page() -> Response:

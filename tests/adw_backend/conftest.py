@@ -84,6 +84,17 @@ class ServeProcess:
                     break
         raise AssertionError(f"serve never became healthy; stderr: {self.stderr()}")
 
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until this replica LISTENs for the others' notices (PostgreSQL only)."""
+        ticker = threading.Event()
+        with httpx.Client(base_url=self.url, timeout=5.0) as client:
+            while timeout > 0:
+                if client.get("/healthz").json().get("listening") is True:
+                    return
+                ticker.wait(0.05)
+                timeout -= 0.05
+        raise AssertionError(f"the replica never listened; stderr: {self.stderr()}")
+
     def stderr(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

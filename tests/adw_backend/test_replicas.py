@@ -1,0 +1,64 @@
+"""Two ``serve`` replicas on one PostgreSQL: what one applies, the other's clients see, and a
+re-sent event is a duplicate whichever replica it reaches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+
+from tests.adw_backend.conftest import PgCluster, ServeProcess
+from tests.adw_backend.factory import cost_update, workflow_update
+
+WAIT = 30.0
+
+
+def test_event_posted_to_a_reaches_a_client_of_b(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    database = pg_cluster.create_database()
+    a = start_serve(database)
+    b = start_serve(database)
+    with b.client() as client:
+        assert client.get("/healthz").json()["listening"] in (True, False)
+    b.wait_listening()
+
+    async def scenario() -> None:
+        async with (
+            websockets.connect(b.ws_url) as on_b,
+            httpx.AsyncClient(base_url=a.url) as to_a,
+            httpx.AsyncClient(base_url=b.url) as to_b,
+        ):
+            snapshot = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert snapshot["type"] == "workflows_snapshot"
+            ev = workflow_update("r1", 1, branch_name="feat-replica")
+            response = await to_a.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+            assert response.json() == {"accepted": 1, "duplicates": 0}
+            message: dict[str, Any] = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert message["type"] == "workflow_update"
+            assert message["data"]["adw_id"] == "r1"
+            assert message["data"]["seq"] == 1
+            assert message["data"]["workflow"]["state"]["branch_name"] == "feat-replica"
+
+            # The same event sent to B (the agent retrying through another replica).
+            response = await to_b.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+            assert response.json() == {"accepted": 0, "duplicates": 1}
+            # Interleaved writes to both replicas all land in one projection.
+            posts = [
+                (to_a if seq % 2 else to_b).post(
+                    "/api/v1/event/cost_update", content=orjson.dumps(cost_update("r1", seq, seq))
+                )
+                for seq in range(2, 22)
+            ]
+            assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+            seen = [orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)) for _ in range(20)]
+            assert sorted(m["data"]["seq"] for m in seen) == list(range(2, 22))
+            workflow = (await to_a.get("/api/v1/workflows/r1")).json()
+            assert workflow["cost"]["current_cost"] == 21
+            assert len(workflow["cost_points"]) == 20
+
+    asyncio.run(scenario())
