@@ -162,6 +162,7 @@ class PgListener:
     def _run(self) -> None:
         import psycopg  # noqa: PLC0415  (only with PostgreSQL)
 
+        failing = False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
@@ -171,9 +172,14 @@ class PgListener:
                         for note in conn.notifies(timeout=0.5):
                             self._handle(note.payload)
             except psycopg.Error as exc:
+                # Said once per outage, not once per retry.
+                if self.ready.is_set() or not failing:
+                    log.warning("cannot hear the other replicas, retrying: %s", exc)
+                failing = True
                 self.ready.clear()
-                log.warning("listening for other replicas failed, retrying: %s", exc)
                 self._stop.wait(1.0)
+            else:
+                failing = False
 
     def _handle(self, payload: str) -> None:
         try:

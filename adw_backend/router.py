@@ -24,7 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
@@ -184,9 +184,13 @@ def parse_event(raw: object, where: str = "") -> tuple[EventView, str]:
         if not value or len(value) > bound or "\x00" in value:
             raise InvalidEvent(f"{where}invalid envelope: {name}: empty or over {bound} characters")
     try:
-        datetime.fromisoformat(event.timestamp)
+        moment = datetime.fromisoformat(event.timestamp)
     except ValueError:
         raise InvalidEvent(f"{where}invalid envelope: timestamp: not ISO 8601") from None
+    # One spelling (UTC, milliseconds, Z), so that timestamps compare as strings everywhere.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    timestamp = moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     try:
         data = check_data(event.type, event.data)
     except ValidationError as exc:
@@ -198,7 +202,7 @@ def parse_event(raw: object, where: str = "") -> tuple[EventView, str]:
         "adw_id": event.adw_id,
         "epoch": event.epoch,
         "seq": event.seq,
-        "timestamp": event.timestamp,
+        "timestamp": timestamp,
         "data": data,
     }
     return view, event.source

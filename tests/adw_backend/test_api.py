@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -245,14 +246,28 @@ def test_bad_settings_exit_78(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("kind", ["sqlite"])
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_database_down_is_503(start_serve: Start, tmp_path: Path, kind: str) -> None:
-    # A database file in a directory that does not exist cannot be opened: the service
-    # starts, answers 503 (which the agent retries), and never 500.
-    server = start_serve(f"sqlite:///{tmp_path / 'missing' / 'b.db'}", wait_healthy=False)
+    # A database that cannot be reached (a SQLite file in a directory that does not exist,
+    # a PostgreSQL port nobody listens on): the service starts, answers 503 (which the agent
+    # retries), and never 500.
+    url = (
+        f"sqlite:///{tmp_path / 'missing' / 'b.db'}"
+        if kind == "sqlite"
+        else f"postgresql://postgres:secret-pw@127.0.0.1:{_closed_port()}/x"
+    )
+    server = start_serve(url, wait_healthy=False)
     with server.client() as client:
         assert client.get("/healthz").status_code == 503
         response = post(client, workflow_update("a1", 1, branch_name="x"))
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
     assert "Traceback" not in server.stderr()
+    assert "secret-pw" not in server.stderr()
