@@ -233,8 +233,9 @@ def _add_point(points: list[CostPoint], event: EventView, limit: int) -> list[Co
         "cost": float(data["current_cost"]),
         "phase": data.get("current_phase"),
     }
-    times = [p["t"] for p in points]
-    at = bisect.bisect_right(times, point["t"])
+    if not points or points[-1]["t"] <= point["t"]:
+        return thin([*points, point], limit)
+    at = bisect.bisect_right(points, point["t"], key=lambda p: p["t"])
     return thin([*points[:at], point, *points[at:]], limit)
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from adw_backend.errors import SettingsError
 
@@ -58,6 +60,11 @@ class Settings(BaseModel):
         scheme = url.split(":", 1)[0]
         if not (scheme.startswith("sqlite") or scheme.startswith("postgres")):
             raise ValueError("must start with sqlite:/// or postgresql://")
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError):
+            # The URL may hold a password: say what is wrong, never echo it.
+            raise ValueError("not a database URL (sqlite:///FILE or postgresql://…)") from None
         return url
 
     @property
@@ -119,5 +126,7 @@ def load_settings(
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "settings"
-        where = "--database" if field == "database_url" else f"ADW_BACKEND_{field.upper()}"
-        raise SettingsError(f"{where}: {error['msg']}") from None
+        where = f"ADW_BACKEND_{field.upper()}"
+        if field == "database_url" and database_url:
+            where = "--database"
+        raise SettingsError(f"{where}: {error['msg'].removeprefix('Value error, ')}") from None
