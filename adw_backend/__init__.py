@@ -21,10 +21,11 @@ Routes
 - ``POST /api/v1/event/{type}``: one envelope. ``POST /api/v1/events``: a JSON array of up to
   1,000 envelopes in one transaction. Both answer ``{"accepted": n, "duplicates": m}``; a
   re-sent event (same ``event_id``) is a duplicate and changes nothing.
-- ``GET /api/v1/workflows[?status=running|completed|failed]`` → ``{"workflows": [projection…]}``,
-  most recently updated first. ``GET /api/v1/workflows/{adw_id}`` → the projection (404 if
-  unknown). ``GET /api/v1/workflows/{adw_id}/events?after_seq=N&limit=K`` → ``{"events":
-  [envelope…]}`` in (epoch, seq) order (``after_epoch=E`` makes the cursor ``(E, N)``).
+- ``GET /api/v1/workflows[?status=running|completed|failed][&limit=N]`` → ``{"workflows":
+  [projection…]}``, most recently updated first (1,000 by default, at most 10,000).
+- ``GET /api/v1/workflows/{adw_id}`` → the projection (404 if unknown).
+- ``GET /api/v1/workflows/{adw_id}/events?after_seq=N&limit=K`` → ``{"events": [envelope…]}``
+  in (epoch, seq) order (``after_epoch=E`` makes the cursor ``(E, N)``).
 - ``DELETE /api/v1/workflows/{adw_id}``: an operator forgets a workflow and its events.
 - ``WS /ws/workflows``; ``GET /healthz`` (200 while the database answers, else 503);
   ``GET /`` the live page (``static/index.html``).
@@ -56,12 +57,12 @@ Values never seen are null (``cost.final`` false, ``tokens``/``breakdown`` empty
 WebSocket messages
 ------------------
 On connect, one ``{"type": "workflows_snapshot", "data": {"workflows": [projection…]},
-"timestamp", "source": "backend"}``. Then, per applied event, ``{"type": <event type>, "data":
-{...event data, "adw_id", "seq", "epoch", "workflow": <projection after it>}, "timestamp":
-<event timestamp>, "source": <event source>}``. A deleted workflow: ``{"type":
-"workflow_deleted", "data": {"adw_id"}, "timestamp", "source": "backend"}``. A client that
-falls behind by ``ws_queue`` messages is closed with code 1013; reconnect and take the new
-snapshot.
+"timestamp", "source": "backend"}`` holding the 1,000 most recently updated workflows. Then,
+per applied event, ``{"type": <event type>, "data": {...event data, "adw_id", "seq", "epoch",
+"workflow": <projection after it>}, "timestamp": <event timestamp>, "source": <event source>}``.
+A deleted workflow: ``{"type": "workflow_deleted", "data": {"adw_id"}, "timestamp", "source":
+"backend"}``. A client that falls behind by ``ws_queue`` messages is closed with code 1013;
+reconnect and take the new snapshot.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ OnApplied = Callable[[Projection], Awaitable[None] | None]
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_ID = 200
 MAX_TIMESTAMP = 64
+#: Workflows in a WebSocket snapshot and, by default, in a listing (the most recent ones).
 SNAPSHOT_LIMIT = 1000
 
 
@@ -137,10 +138,15 @@ class Service:
     async def _notify(self, item: Applied) -> None:
         if self.on_applied is None:
             return
+        callback = self.on_applied
         try:
-            result = self.on_applied(item.projection)
-            if inspect.isawaitable(result):
-                await result
+            if inspect.iscoroutinefunction(callback):
+                await callback(item.projection)
+            else:
+                # A plain function may block (the host's own database): keep it off the loop.
+                result = await anyio.to_thread.run_sync(callback, item.projection)
+                if inspect.isawaitable(result):
+                    await result
         except Exception:
             # The event is stored and broadcast; the host's own update failing must not make
             # the agent send it again.
@@ -255,9 +261,11 @@ def _status_param(request: Request) -> Status | None:
 
 
 def create_router(*, settings: Settings, on_applied: OnApplied | None = None) -> APIRouter:
-    """The backend's routes. ``on_applied(projection)`` (plain or async) is called after each
-    newly applied event with its workflow's new projection, so a host app can update its own
-    tables or broadcast its own message; an exception in it is logged, not answered."""
+    """The backend's routes. ``on_applied(projection)`` is called after each newly applied
+    event with its workflow's new projection, in order, before the request is answered, so a
+    host app can update its own tables or broadcast its own message. An ``async def`` runs on
+    the event loop; a plain function runs in a worker thread (it may block). An exception in
+    it is logged; the event stays stored and is answered 200."""
     service = Service(settings, on_applied)
 
     @asynccontextmanager
@@ -309,8 +317,9 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
         try:
             service.authorize(request.headers.get("authorization"), write=False)
             status = _status_param(request)
+            limit = _int_param(request, "limit", SNAPSHOT_LIMIT, 1, 10 * SNAPSHOT_LIMIT)
             await service.start()
-            found = await anyio.to_thread.run_sync(service.store.workflows, status)
+            found = await anyio.to_thread.run_sync(service.store.workflows, status, limit)
         except BackendError as exc:
             return _problem(exc)
         return _json({"workflows": found})
@@ -405,11 +414,11 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
     client = service.hub.add()
     try:
         try:
-            found = await anyio.to_thread.run_sync(service.store.workflows, None)
+            found = await anyio.to_thread.run_sync(service.store.workflows, None, SNAPSHOT_LIMIT)
         except DatabaseUnavailable:
             await websocket.close(code=1011, reason="database unavailable")
             return
-        snapshot = snapshot_message(found[:SNAPSHOT_LIMIT], utc_now())
+        snapshot = snapshot_message(found, utc_now())
         await websocket.send_text(orjson.dumps(snapshot).decode())
 
         async def pump() -> Literal["dropped"]:

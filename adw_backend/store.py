@@ -277,10 +277,12 @@ class Store:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def workflows(self, status: Status | None = None) -> list[Projection]:
-        """Every workflow (or those with ``status``), most recently updated first."""
-        query = sa.select(workflows.c.projection).order_by(
-            workflows.c.updated_at.desc(), workflows.c.adw_id
+    def workflows(self, status: Status | None = None, limit: int = 1000) -> list[Projection]:
+        """The ``limit`` most recently updated workflows (or those with ``status``)."""
+        query = (
+            sa.select(workflows.c.projection)
+            .order_by(workflows.c.updated_at.desc(), workflows.c.adw_id)
+            .limit(limit)
         )
         if status is not None:
             query = query.where(workflows.c.status == status)
