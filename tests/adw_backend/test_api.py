@@ -159,7 +159,8 @@ def test_batch(start_serve: Start, database: str) -> None:
 
 
 def test_bad_input_is_4xx_and_changes_nothing(start_serve: Start, database: str) -> None:
-    server = start_serve(database, env={"ADW_BACKEND_MAX_EVENT_BYTES": "4096"})
+    limits = {"ADW_BACKEND_MAX_EVENT_BYTES": "4096", "ADW_BACKEND_MAX_BATCH_BYTES": "8192"}
+    server = start_serve(database, env=limits)
     good = cost_update("a1", 1, 1.0)
     wrong_data = {**good, "data": {**good["data"], "tokens": {"input": "many"}}}
     cases: list[tuple[str, bytes, int, str]] = [
@@ -186,6 +187,10 @@ def test_bad_input_is_4xx_and_changes_nothing(start_serve: Start, database: str)
             headers={"Idempotency-Key": "another"},
         )
         assert response.status_code == 400
+        batch = orjson.dumps([cost_update("a1", seq, 1.0) for seq in range(1, 20)])
+        response = client.post("/api/v1/events", content=batch)
+        assert response.status_code == 413
+        assert response.json()["detail"] == "body over the limit of 8192 bytes"
         assert client.get("/api/v1/workflows").json() == {"workflows": []}
         assert client.get("/api/v1/workflows", params={"status": "lost"}).status_code == 400
         assert client.get("/api/v1/workflows/none").status_code == 404
