@@ -62,6 +62,7 @@ OnApplied = Callable[[Projection], Awaitable[None] | None]
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_ID = 200
 MAX_TIMESTAMP = 64
+MAX_INT = 2**63 - 1  # a 64-bit signed column, in SQLite and PostgreSQL alike
 #: Workflows in a WebSocket snapshot and, by default, in a listing (the most recent ones).
 SNAPSHOT_LIMIT = 1000
 
@@ -189,6 +190,9 @@ def parse_event(raw: object, where: str = "") -> tuple[EventView, str]:
     ):
         if not value or len(value) > bound or "\x00" in value:
             raise InvalidEvent(f"{where}invalid envelope: {name}: empty or over {bound} characters")
+    for name, number in (("seq", event.seq), ("epoch", event.epoch)):
+        if number > MAX_INT:
+            raise InvalidEvent(f"{where}invalid envelope: {name}: over {MAX_INT}")
     try:
         moment = datetime.fromisoformat(event.timestamp)
     except ValueError:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from adw_backend.errors import DatabaseUnavailable, NotFound
+from adw_backend.errors import DatabaseUnavailable, InvalidEvent, NotFound
 from adw_backend.projection import (
     EventView,
     Marks,
@@ -133,6 +133,10 @@ class Store:
             finally:
                 if lock is not None:
                     lock.release()
+        except sa.exc.DataError:
+            # A value the database refuses (checked input should never get here): the
+            # request is at fault, not the database.
+            raise InvalidEvent("the database refused a value in the request") from None
         except sa.exc.SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             log.warning("database error: %s", reason[0] if reason else type(exc).__name__)

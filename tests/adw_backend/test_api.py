@@ -167,6 +167,10 @@ def test_bad_input_is_4xx_and_changes_nothing(start_serve: Start, database: str)
         ("bogus", orjson.dumps(good), 400, "unknown event type 'bogus'"),
         ("cost_update", b"{not json", 400, "body is not JSON"),
         ("cost_update", orjson.dumps({**good, "seq": -1}), 422, "invalid envelope: seq"),
+        ("cost_update", orjson.dumps({**good, "seq": 2**63}), 422, "invalid envelope: seq"),
+        ("cost_update", orjson.dumps({**good, "epoch": 2**64 - 1}), 422, "epoch"),
+        ("cost_update", orjson.dumps({**good, "adw_id": "a\x00b"}), 422, "adw_id"),
+        ("cost_update", orjson.dumps({**good, "adw_id": "x" * 201}), 422, "adw_id"),
         ("cost_update", orjson.dumps({**good, "extra": 1}), 422, "invalid envelope: extra"),
         ("cost_update", orjson.dumps({**good, "timestamp": "yesterday"}), 422, "timestamp"),
         ("cost_update", orjson.dumps(wrong_data), 422, "data does not fit cost_update"),
@@ -187,6 +191,13 @@ def test_bad_input_is_4xx_and_changes_nothing(start_serve: Start, database: str)
             headers={"Idempotency-Key": "another"},
         )
         assert response.status_code == 400
+        # Odd but valid text in the data is stored as sent, on either database.
+        odd = workflow_update("z9", 1, branch_name="nul\x00 and \u2028 and \U0001f600")
+        response = post(client, odd)
+        assert response.status_code == 200, response.text
+        stored = client.get("/api/v1/workflows/z9").json()["state"]["branch_name"]
+        assert stored == "nul\x00 and \u2028 and \U0001f600"
+        assert client.delete("/api/v1/workflows/z9").status_code == 200
         batch = orjson.dumps([cost_update("a1", seq, 1.0) for seq in range(1, 20)])
         response = client.post("/api/v1/events", content=batch)
         assert response.status_code == 413
