@@ -132,7 +132,8 @@ class Service:
             self.store.ingest, list(zip(batch, sources, strict=True))
         )
         for item in outcome.applied:
-            self.hub.publish(event_message(item))
+            if self.hub.clients:
+                self.hub.publish(event_message(item))
             await self._notify(item)
         return outcome
 
@@ -233,6 +234,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _parse_batch(body: bytes, limit: int) -> list[tuple[EventView, str]]:
+    raw = _decode(body)
+    if not isinstance(raw, list):
+        raise BadInput("body must be a JSON array of events")
+    if len(raw) > limit:
+        raise TooLarge(f"more than {limit} events in one batch")
+    return [parse_event(item, f"event {i}: ") for i, item in enumerate(raw)]
+
+
 def _decode(body: bytes) -> object:
     try:
         return orjson.loads(body)
@@ -305,12 +315,9 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
         try:
             service.authorize(request.headers.get("authorization"), write=True)
             body = await read_body(request, settings.max_batch_bytes)
-            raw = _decode(body)
-            if not isinstance(raw, list):
-                raise BadInput("body must be a JSON array of events")
-            if len(raw) > settings.max_batch_events:
-                raise TooLarge(f"more than {settings.max_batch_events} events in one batch")
-            parsed = [parse_event(item, f"event {i}: ") for i, item in enumerate(raw)]
+            # Decoding and checking a thousand events takes a while: off the event loop, so
+            # WebSocket clients and other requests are not held up meanwhile.
+            parsed = await anyio.to_thread.run_sync(_parse_batch, body, settings.max_batch_events)
             outcome = await service.ingest([v for v, _ in parsed], [s for _, s in parsed])
         except BackendError as exc:
             return _problem(exc)
