@@ -94,6 +94,7 @@ class Service:
             cost_points=settings.cost_points,
             notify_channel=settings.notify_channel,
             origin=uuid.uuid4().hex,
+            sqlite_synchronous=settings.sqlite_synchronous,
         )
         self.hub = Hub(settings.ws_queue)
         self.listener: PgListener | None = None

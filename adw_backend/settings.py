@@ -8,6 +8,7 @@ Build it with :func:`load_settings` (command line and environment) or directly w
 - ``ADW_BACKEND_READ_TOKEN_FILE``: file with read-only tokens (GET and WebSocket), one per line
 - ``ADW_BACKEND_MAX_EVENT_BYTES`` / ``ADW_BACKEND_MAX_BATCH_BYTES``: body size limits
 - ``ADW_BACKEND_WS_QUEUE``: messages a WebSocket client may fall behind before it is dropped
+- ``ADW_BACKEND_SQLITE_SYNCHRONOUS``: ``full`` (default) or ``normal``
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from sqlalchemy.engine import make_url
@@ -50,6 +52,12 @@ class Settings(BaseModel):
         description="Messages a WebSocket client may have pending before it is dropped. A batch "
         "publishes one message per event at once, so keep it above max_batch_events; the text "
         "of a message is shared by every client, so memory grows with this, not with clients.",
+    )
+    sqlite_synchronous: Literal["full", "normal"] = Field(
+        default="full",
+        description="full: each answered event is on disk first. normal: a commit does not wait "
+        "for the disk; a power cut (not a crash) can lose the last events the backend "
+        "answered, which the agent does not send again. PostgreSQL ignores this.",
     )
     cost_points: int = Field(default=500, ge=2, description="Cost points kept per workflow.")
     notify_channel: str = Field(default="adw_backend_events", pattern=r"^[a-z_][a-z0-9_]*$")
@@ -117,7 +125,7 @@ def load_settings(
             values[field] = read_tokens_file(given, option)
         elif environ.get(variable):
             values[field] = read_tokens_file(Path(environ[variable]), variable)
-    for field in ("max_event_bytes", "max_batch_bytes", "ws_queue"):
+    for field in ("max_event_bytes", "max_batch_bytes", "ws_queue", "sqlite_synchronous"):
         variable = f"ADW_BACKEND_{field.upper()}"
         if environ.get(variable):
             values[field] = environ[variable]

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -93,7 +93,13 @@ class Store:
     """The database behind the backend; every method is blocking (run it in a thread)."""
 
     def __init__(
-        self, url: str, *, cost_points: int = 500, notify_channel: str = "", origin: str = ""
+        self,
+        url: str,
+        *,
+        cost_points: int = 500,
+        notify_channel: str = "",
+        origin: str = "",
+        sqlite_synchronous: Literal["full", "normal"] = "full",
     ) -> None:
         self.is_postgres = url.startswith("postgres")
         options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
@@ -106,7 +112,17 @@ class Store:
         except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
             raise DatabaseUnavailable(f"database URL cannot be used: {exc}") from None
         if not self.is_postgres:
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            synchronous = sqlite_synchronous.upper()
+
+            def pragmas(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                # WAL lets readers (GET, WebSocket snapshots) run while a write commits.
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA synchronous={synchronous}")
+                cursor.execute("PRAGMA busy_timeout=10000")
+                cursor.close()
+
+            sa.event.listen(self.engine, "connect", pragmas)
         self._cost_points = cost_points
         self._channel = notify_channel
         # Names this process in its notices, so that it does not broadcast its own twice.
@@ -356,12 +372,3 @@ class Store:
             "data": row.data,
         }
         return Applied(view, row.source, wf.projection)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers (GET, WebSocket snapshots) run while a write commits.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()

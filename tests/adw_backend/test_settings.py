@@ -27,12 +27,14 @@ def test_options_win_over_variables(tmp_path: Path) -> None:
         "ADW_BACKEND_TOKEN_FILE": str(tmp_path / "env"),
         "ADW_BACKEND_READ_TOKEN_FILE": str(tmp_path / "env"),
         "ADW_BACKEND_WS_QUEUE": "64",
+        "ADW_BACKEND_SQLITE_SYNCHRONOUS": "normal",
     }
     settings = load_settings(database_url="sqlite:///x.db", token_file=tmp_path / "given", env=env)
     assert settings.database_url == "sqlite:///x.db"
     assert [t.get_secret_value() for t in settings.tokens] == ["one", "two"]
     assert [t.get_secret_value() for t in settings.read_tokens] == ["three"]
     assert settings.ws_queue == 64
+    assert settings.sqlite_synchronous == "normal"
     assert "one" not in repr(settings)
 
 
@@ -54,6 +56,7 @@ def test_postgresql_url_gets_the_psycopg_driver() -> None:
         ),
         ({}, {"ADW_BACKEND_MAX_EVENT_BYTES": "ten"}, "ADW_BACKEND_MAX_EVENT_BYTES"),
         ({}, {"ADW_BACKEND_WS_QUEUE": "0"}, "ADW_BACKEND_WS_QUEUE"),
+        ({}, {"ADW_BACKEND_SQLITE_SYNCHRONOUS": "off"}, "ADW_BACKEND_SQLITE_SYNCHRONOUS"),
     ],
 )
 def test_bad_values_name_the_key(
