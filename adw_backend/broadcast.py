@@ -63,12 +63,19 @@ def deleted_message(adw_id: str, timestamp: str) -> dict[str, Any]:
     }
 
 
+#: WebSocket close codes: the client fell behind (try again later), the server is stopping.
+BEHIND = 1013
+GOING_AWAY = 1001
+
+
 class Client:
-    """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop"."""
+    """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop", with
+    ``close_code`` saying why."""
 
     def __init__(self, bound: int) -> None:
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=bound)
         self.dropped = False
+        self.close_code = BEHIND
 
     def offer(self, text: str) -> bool:
         try:
@@ -77,9 +84,10 @@ class Client:
             return False
         return True
 
-    def drop(self) -> None:
+    def drop(self, code: int = BEHIND) -> None:
         """Stop the sender: empty the queue so the stop marker fits."""
         self.dropped = True
+        self.close_code = code
         while not self.queue.empty():
             self.queue.get_nowait()
         self.queue.put_nowait(None)
@@ -125,7 +133,7 @@ class Hub:
 
     def close(self) -> None:
         for client in list(self._clients):
-            client.drop()
+            client.drop(GOING_AWAY)
         self._clients.clear()
 
 

@@ -37,6 +37,7 @@ from pydantic_core import ErrorDetails
 from starlette.websockets import WebSocketDisconnect
 
 from adw_backend.broadcast import (
+    BEHIND,
     Hub,
     PgListener,
     deleted_message,
@@ -452,9 +453,10 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
         for task in done:
             if task.exception() is None and task.result() == "dropped":
+                reason = "fell behind" if client.close_code == BEHIND else "server stopping"
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        websocket.close(code=1013, reason="fell behind"), timeout=1.0
+                        websocket.close(code=client.close_code, reason=reason), timeout=1.0
                     )
     except (WebSocketDisconnect, RuntimeError):
         pass

@@ -130,6 +130,7 @@ class Store:
         # SQLite has a single writer: taking turns here avoids "database is locked" retries.
         self._write_lock = threading.Lock() if not self.is_postgres else None
         self._ready = False
+        self._setup_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -142,8 +143,10 @@ class Store:
                 lock.acquire()
             try:
                 if not self._ready:
-                    metadata.create_all(self.engine)
-                    self._ready = True
+                    with self._setup_lock:
+                        if not self._ready:
+                            metadata.create_all(self.engine)
+                            self._ready = True
                 with self.engine.begin() as conn:
                     yield conn
             finally:
