@@ -164,16 +164,27 @@ class PgCluster:
             "UTF8",
             "--no-sync",
         )
-        options = (
+        self.start_server()
+
+    @property
+    def options(self) -> str:
+        return (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c max_connections=200"
         )
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's port and data (again, after :meth:`stop`)."""
         self.run(
             str(self.bindir / "pg_ctl"),
             "-D",
             str(self.data),
             "-o",
-            options,
+            self.options,
             "-l",
             str(self.root / "log"),
             "-w",
@@ -181,10 +192,6 @@ class PgCluster:
             "60",
             "start",
         )
-
-    def stop(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -203,8 +210,9 @@ def _pg_bindir() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[PgCluster]:
+    """A new cluster, stopped and removed on exit; skips (fails under CI) without binaries."""
     bindir = _pg_bindir()
     if bindir is None:
         reason = "PostgreSQL binaries (Debian's postgresql package) are not installed"
@@ -237,6 +245,12 @@ def pg_cluster() -> Iterator[PgCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 def _has_user(name: str) -> bool:

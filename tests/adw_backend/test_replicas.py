@@ -11,7 +11,7 @@ import httpx
 import orjson
 import websockets
 
-from tests.adw_backend.conftest import PgCluster, ServeProcess
+from tests.adw_backend.conftest import PgCluster, ServeProcess, throwaway_cluster
 from tests.adw_backend.factory import cost_update, workflow_update
 
 WAIT = 30.0
@@ -62,3 +62,33 @@ def test_event_posted_to_a_reaches_a_client_of_b(
             assert len(workflow["cost_points"]) == 20
 
     asyncio.run(scenario())
+
+
+def test_database_outage_is_503_then_recovers(
+    start_serve: Callable[..., ServeProcess],
+) -> None:
+    with throwaway_cluster() as cluster:
+        server = start_serve(cluster.url())
+        server.wait_listening()
+        with server.client() as client:
+            ev = workflow_update("o1", 1, branch_name="before")
+            assert (
+                client.post("/api/v1/event/workflow_update", content=orjson.dumps(ev)).json()[
+                    "accepted"
+                ]
+                == 1
+            )
+            cluster.stop()
+            late = workflow_update("o1", 2, branch_name="during")
+            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert client.get("/healthz").status_code == 503
+            cluster.start_server()
+            # What the agent does: send the same event again until it is accepted.
+            server.wait_healthy()
+            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
+            assert response.json() == {"accepted": 1, "duplicates": 0}
+            assert client.get("/api/v1/workflows/o1").json()["state"]["branch_name"] == "during"
+            server.wait_listening()
+    assert "Traceback" not in server.stderr()
