@@ -34,6 +34,7 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, Response
 from pydantic import SecretStr, ValidationError
 from pydantic_core import ErrorDetails
+from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
 from adw_backend.broadcast import (
@@ -165,12 +166,9 @@ class Service:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing Authorization: Bearer token")
         given = token.strip().encode()
-        writes = [
-            hmac.compare_digest(given, t.get_secret_value().encode()) for t in settings.tokens
-        ]
-        reads = [
-            hmac.compare_digest(given, t.get_secret_value().encode()) for t in settings.read_tokens
-        ]
+        # Every token is compared (no early exit), so the time taken does not say which matched.
+        writes = [_same(given, t) for t in settings.tokens]
+        reads = [_same(given, t) for t in settings.read_tokens]
         if any(writes) or (not write and any(reads)):
             return
         raise Unauthorized("this token may not write" if any(reads) else "invalid token")
@@ -192,18 +190,21 @@ def parse_event(raw: object, where: str = "") -> tuple[EventView, str]:
         ("timestamp", event.timestamp, MAX_TIMESTAMP),
     ):
         if not value or len(value) > bound or "\x00" in value:
-            raise InvalidEvent(f"{where}invalid envelope: {name}: empty or over {bound} characters")
+            raise InvalidEvent(
+                f"{where}invalid envelope: {name}: empty, over {bound} characters or with NUL"
+            )
     for name, number in (("seq", event.seq), ("epoch", event.epoch)):
         if number > MAX_INT:
             raise InvalidEvent(f"{where}invalid envelope: {name}: over {MAX_INT}")
+    # One spelling (UTC, milliseconds, Z), so that timestamps compare as strings everywhere.
     try:
         moment = datetime.fromisoformat(event.timestamp)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        utc = moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidEvent(f"{where}invalid envelope: timestamp: not ISO 8601") from None
-    # One spelling (UTC, milliseconds, Z), so that timestamps compare as strings everywhere.
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    timestamp = moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    timestamp = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     try:
         data = check_data(event.type, event.data)
     except ValidationError as exc:
@@ -228,11 +229,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise TooLarge(f"body over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"body over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"body over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; it only keeps the disconnect out of the error log.
+        raise BadInput("the client left before the body was sent") from None
     return b"".join(chunks)
 
 

@@ -173,6 +173,7 @@ def test_bad_input_is_4xx_and_changes_nothing(start_serve: Start, database: str)
         ("cost_update", orjson.dumps({**good, "adw_id": "x" * 201}), 422, "adw_id"),
         ("cost_update", orjson.dumps({**good, "extra": 1}), 422, "invalid envelope: extra"),
         ("cost_update", orjson.dumps({**good, "timestamp": "yesterday"}), 422, "timestamp"),
+        ("cost_update", orjson.dumps({**good, "timestamp": "0001-01-01T00:00+14:00"}), 422, "tim"),
         ("cost_update", orjson.dumps(wrong_data), 422, "data does not fit cost_update"),
         ("phase_update", orjson.dumps(good), 400, "the path says phase_update"),
         ("cost_update", orjson.dumps({**good, "pad": "x" * 5000}), 413, "over the limit"),
