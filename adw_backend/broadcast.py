@@ -27,6 +27,9 @@ from adw_backend.store import Applied, Store
 
 log = logging.getLogger(__name__)
 
+#: Notices handled together at most (one query loads their events).
+GROUP = 1000
+
 
 def event_message(item: Applied) -> dict[str, Any]:
     """The seed plan's message shape for one applied event."""
@@ -177,8 +180,13 @@ class PgListener:
                     conn.execute(f"LISTEN {self._channel}")  # the name is validated in Settings
                     self.ready.set()
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            self._handle(note.payload)
+                        first = list(conn.notifies(timeout=0.5, stop_after=1))
+                        if not first:
+                            continue
+                        # A batch commits its notices together: take what has already arrived
+                        # with the first one, and load it all in one query.
+                        more = list(conn.notifies(timeout=0.0, stop_after=GROUP - 1))
+                        self._handle([note.payload for note in first + more])
             except psycopg.Error as exc:
                 # Said once per outage, not once per retry.
                 if self.ready.is_set() or not failing:
@@ -186,26 +194,29 @@ class PgListener:
                 failing = True
                 self.ready.clear()
                 self._stop.wait(1.0)
-            else:
-                failing = False
 
-    def _handle(self, payload: str) -> None:
+    def _handle(self, payloads: list[str]) -> None:
+        pending: list[str] = []
+        for payload in payloads:
+            try:
+                note = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(note, dict) or note.get("origin") == self._store.origin:
+                continue
+            if "deleted" in note:
+                self._load(pending)
+                pending = []
+                self._deliver(deleted_message(str(note["deleted"]), self._now()))
+            elif note.get("event_id"):
+                pending.append(str(note["event_id"]))
+        self._load(pending)
+
+    def _load(self, event_ids: list[str]) -> None:
         try:
-            note = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(note, dict) or note.get("origin") == self._store.origin:
-            return
-        if "deleted" in note:
-            self._deliver(deleted_message(str(note["deleted"]), self._now()))
-            return
-        event_id = str(note.get("event_id", ""))
-        if not event_id:
-            return
-        try:
-            item = self._store.event_message(event_id)
+            items = self._store.event_messages(event_ids)
         except DatabaseUnavailable:
-            log.warning("cannot load a replicated event %s", event_id)
+            log.warning("cannot load %d replicated event(s)", len(event_ids))
             return
-        if item is not None:
+        for item in items:
             self._deliver(event_message(item))

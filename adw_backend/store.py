@@ -244,13 +244,21 @@ class Store:
             ],
         )
         if self.is_postgres and self._channel:
-            for item in applied:
-                payload = _json({"event_id": item.event["event_id"], "origin": self.origin})
-                conn.execute(
-                    sa.text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": self._channel, "payload": payload},
-                )
+            self._notify(
+                conn,
+                [_json({"event_id": a.event["event_id"], "origin": self.origin}) for a in applied],
+            )
         return applied
+
+    def _notify(self, conn: Connection, payloads: list[str]) -> None:
+        """Queue one notice per payload, sent by PostgreSQL when the transaction commits;
+        one statement for all of them (a round trip each would dominate a batch)."""
+        if not (self.is_postgres and self._channel and payloads):
+            return
+        conn.execute(
+            sa.text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+            {"channel": self._channel, "payloads": payloads},
+        )
 
     def _lock_workflows(
         self, conn: Connection, ids: list[str]
@@ -289,14 +297,7 @@ class Store:
             conn.execute(events.delete().where(events.c.adw_id == adw_id))
             if not gone:
                 raise NotFound(f"no workflow {adw_id!r}")
-            if self.is_postgres and self._channel:
-                conn.execute(
-                    sa.text("SELECT pg_notify(:channel, :payload)"),
-                    {
-                        "channel": self._channel,
-                        "payload": _json({"deleted": adw_id, "origin": self.origin}),
-                    },
-                )
+            self._notify(conn, [_json({"deleted": adw_id, "origin": self.origin})])
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -353,25 +354,40 @@ class Store:
         with self._begin(write=False) as conn:
             return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
 
-    def event_message(self, event_id: str) -> Applied | None:
-        """A stored event with its workflow's current projection (for another replica's
-        broadcast); None when it is gone (deleted meanwhile)."""
+    def event_messages(self, event_ids: list[str]) -> list[Applied]:
+        """Stored events with their workflows' current projections (for another replica's
+        broadcast), in (epoch, seq) order per ADW; events deleted meanwhile are left out."""
+        if not event_ids:
+            return []
         with self._begin(write=False) as conn:
-            row = conn.execute(sa.select(events).where(events.c.event_id == event_id)).first()
-            if row is None:
-                return None
-            wf = conn.execute(
-                sa.select(workflows.c.projection).where(workflows.c.adw_id == row.adw_id)
-            ).first()
-        if wf is None:
-            return None
-        view: EventView = {
-            "type": row.type,
-            "event_id": row.event_id,
-            "adw_id": row.adw_id,
-            "epoch": row.epoch,
-            "seq": row.seq,
-            "timestamp": row.timestamp,
-            "data": row.data,
-        }
-        return Applied(view, row.source, wf.projection)
+            rows = list(
+                conn.execute(
+                    sa.select(events)
+                    .where(events.c.event_id.in_(event_ids))
+                    .order_by(events.c.adw_id, events.c.epoch, events.c.seq)
+                )
+            )
+            ids = sorted({row.adw_id for row in rows})
+            current = {
+                wf.adw_id: wf.projection
+                for wf in conn.execute(
+                    sa.select(workflows.c.adw_id, workflows.c.projection).where(
+                        workflows.c.adw_id.in_(ids)
+                    )
+                )
+            }
+        out: list[Applied] = []
+        for row in rows:
+            if row.adw_id not in current:
+                continue
+            view: EventView = {
+                "type": row.type,
+                "event_id": row.event_id,
+                "adw_id": row.adw_id,
+                "epoch": row.epoch,
+                "seq": row.seq,
+                "timestamp": row.timestamp,
+                "data": row.data,
+            }
+            out.append(Applied(view, row.source, current[row.adw_id]))
+        return out

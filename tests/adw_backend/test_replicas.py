@@ -61,6 +61,19 @@ def test_event_posted_to_a_reaches_a_client_of_b(
             assert workflow["cost"]["current_cost"] == 21
             assert len(workflow["cost_points"]) == 20
 
+            # A batch to A reaches B's client whole, each ADW's events in order.
+            batch = [cost_update(adw, seq, seq) for seq in range(1, 101) for adw in ("x1", "x2")]
+            response = await to_a.post("/api/v1/events", content=orjson.dumps(batch))
+            assert response.json() == {"accepted": 200, "duplicates": 0}
+            seen = [orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)) for _ in batch]
+            for adw in ("x1", "x2"):
+                seqs = [m["data"]["seq"] for m in seen if m["data"]["adw_id"] == adw]
+                assert seqs == list(range(1, 101))
+            # A deletion on A is announced by B.
+            assert (await to_a.delete("/api/v1/workflows/x1")).status_code == 200
+            message = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert message == {**message, "type": "workflow_deleted", "data": {"adw_id": "x1"}}
+
     asyncio.run(scenario())
 
 
