@@ -123,6 +123,10 @@ def table(results: dict[str, Any]) -> str:
                 stalled = r["with_stalled"]
                 plain = r["plain"]
                 lines.append(
+                    f"CPU s over the {plain['load_s']:g} s load: serve {plain['serve_cpu_s']:.2f}"
+                    f", the clients' process {plain['clients_cpu_s']:.2f}"
+                )
+                lines.append(
                     f"stalled client dropped: {stalled['ws_clients_at_end'] == stalled['clients']}"
                     f"; RSS MB idle {r['rss_mb_idle']:.1f}, {plain['clients']} clients "
                     f"connected {plain['rss_mb_connected']:.1f}, peak under load {r['hwm_mb']:.1f}"

@@ -22,6 +22,7 @@ import orjson
 
 from bench.backend_common import Serve, WsClients
 from bench.common import sleep_until, summary_ms
+from bench.procstat import sample
 from tests.adw_backend import factory
 
 ADWS = 10
@@ -33,6 +34,9 @@ def _load(
     ws = WsClients(serve.proc.ws_url, work / f"ws-{clients}-{stalled}.json", clients, stalled)
     try:
         rss_connected = serve.sample().rss_mb
+        # CPU seconds over the load tell which side bounds the figures on a small machine.
+        serve_cpu = serve.sample().cpu_s
+        clients_cpu = sample(ws.proc.pid).cpu_s
         count = int(rate * seconds)
         seqs: dict[str, int] = {}
         events = []
@@ -56,6 +60,8 @@ def _load(
                 answer.raise_for_status()
             time.sleep(1.0)
             ws_clients = http.get("/healthz").json().get("ws_clients")
+        serve_cpu = serve.sample().cpu_s - serve_cpu
+        clients_cpu = sample(ws.proc.pid).cpu_s - clients_cpu
         recorded = ws.results()
     finally:
         ws.kill()
@@ -82,6 +88,9 @@ def _load(
         # With a stalled client: ``clients`` means it was dropped, ``clients + 1`` that it was not.
         "ws_clients_at_end": ws_clients,
         "rss_mb_connected": rss_connected,
+        "serve_cpu_s": round(serve_cpu, 2),
+        "clients_cpu_s": round(clients_cpu, 2),
+        "load_s": round(seconds + 1.0, 1),
         "rss_mb_after": serve.sample().rss_mb,
         "hwm_mb": serve.sample().hwm_mb,
     }
