@@ -262,3 +262,36 @@ def test_page_passes_its_read_token_to_the_websocket(
         "a live connection",
         _live,
     )
+
+
+def test_page_shows_hostile_text_as_text(
+    tmp_path: Path,
+    start_serve: Callable[..., ServeProcess],
+    browser: WebDriver,  # noqa: F811
+) -> None:
+    serve = start_serve(f"sqlite:///{tmp_path / 'backend.db'}")
+    hostile = '<img src=x onerror="window.__owned = 1">'
+    browser.get(serve.url + "/")
+    _wait(browser, "a live connection", _live)
+    with serve.client() as client:
+        event = {
+            "type": "workflow_update",
+            "event_id": "page-hostile-1",
+            "adw_id": "evil0001",
+            "seq": 1,
+            "timestamp": "2026-11-30T12:00:00.000Z",
+            "source": "event",
+            "data": {
+                "changed": ["branch_name", "issue_number"],
+                **_state("evil0001", branch_name=hostile, issue_number="<b>9</b>"),
+            },
+        }
+        assert client.post("/api/v1/event/workflow_update", json=event).status_code == 200
+    _wait(
+        browser,
+        "the hostile branch as text",
+        lambda d: _text(d, f'{_row("evil0001")} [data-field="branch"]') == hostile,
+    )
+    assert _text(browser, f'{_row("evil0001")} [data-field="issue"]') == "#<b>9</b>/feature"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#rows img, #rows b")
+    assert browser.execute_script("return window.__owned === undefined;")
