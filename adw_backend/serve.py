@@ -68,6 +68,10 @@ def run(settings: Settings, host: str, port: int, log_level: str = "warning") ->
         lifespan="on",
         # Keep-alive connections from agents are long-lived; ping so dead peers go away.
         ws_ping_interval=20.0,
+        # A message is serialised once for every client; per-message deflate would compress
+        # it again for each one (and keep a zlib context per connection): CPU and memory
+        # that grow with the clients, for a few kB saved per message.
+        ws_per_message_deflate=False,
     )
     server = _Server(config)
     server.run(sockets=[sock])
