@@ -1,8 +1,10 @@
 """Live updates to WebSocket clients, and between replicas through PostgreSQL.
 
-Each client has a bounded queue. Publishing never waits: a client whose queue is full has
-fallen behind, and it is dropped (closed with 1013, "try again later"; the live page
-reconnects and starts again from a snapshot) rather than slow ingestion or the other clients.
+Each client has a queue bounded in messages and in bytes (a message's text is shared by all
+clients, so memory is bounded by the bytes one client may hold). Publishing never waits: a
+client whose queue is full has fallen behind, and it is dropped (closed with 1013, "try again
+later"; the live page reconnects and starts again from a snapshot) rather than slow ingestion
+or the other clients.
 A message is serialised once, whatever the number of clients.
 
 With PostgreSQL, a replica that applies an event also sends ``NOTIFY`` in the same transaction
@@ -75,17 +77,29 @@ class Client:
     """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop", with
     ``close_code`` saying why."""
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, max_bytes: int) -> None:
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=bound)
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
         self.dropped = False
         self.close_code = BEHIND
 
     def offer(self, text: str) -> bool:
+        """Queue ``text``; False when the client is too far behind in messages or bytes."""
+        if self.pending_bytes + len(text) > self.max_bytes and not self.queue.empty():
+            return False
         try:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
             return False
+        self.pending_bytes += len(text)
         return True
+
+    async def next(self) -> str | None:
+        text = await self.queue.get()
+        if text is not None:
+            self.pending_bytes -= len(text)
+        return text
 
     def drop(self, code: int = BEHIND) -> None:
         """Stop the sender: empty the queue so the stop marker fits."""
@@ -93,6 +107,7 @@ class Client:
         self.close_code = code
         while not self.queue.empty():
             self.queue.get_nowait()
+        self.pending_bytes = 0
         self.queue.put_nowait(None)
 
 
@@ -100,8 +115,9 @@ class Hub:
     """The connected clients of this process. Call every method from the event loop,
     except :meth:`publish_threadsafe`."""
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._bound = bound
+        self._max_bytes = max_bytes
         self._clients: set[Client] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dropped_total = 0
@@ -111,7 +127,7 @@ class Hub:
         return len(self._clients)
 
     def add(self) -> Client:
-        client = Client(self._bound)
+        client = Client(self._bound, self._max_bytes)
         self._clients.add(client)
         return client
 
@@ -126,7 +142,11 @@ class Hub:
             if not client.offer(text):
                 self._clients.discard(client)
                 self.dropped_total += 1
-                log.warning("dropped a WebSocket client that fell %d messages behind", self._bound)
+                log.warning(
+                    "dropped a WebSocket client that fell behind (%d messages, %d bytes queued)",
+                    client.queue.qsize(),
+                    client.pending_bytes,
+                )
                 client.drop()
 
     def publish_threadsafe(self, message: dict[str, Any]) -> None:

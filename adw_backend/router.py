@@ -98,7 +98,7 @@ class Service:
             origin=uuid.uuid4().hex,
             sqlite_synchronous=settings.sqlite_synchronous,
         )
-        self.hub = Hub(settings.ws_queue)
+        self.hub = Hub(settings.ws_queue, settings.ws_queue_bytes)
         self.listener: PgListener | None = None
         self._started = False
 
@@ -441,7 +441,7 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
 
         async def pump() -> Literal["dropped"]:
             while True:
-                text = await client.queue.get()
+                text = await client.next()
                 if text is None:
                     return "dropped"
                 await websocket.send_text(text)

@@ -8,6 +8,7 @@ Build it with :func:`load_settings` (command line and environment) or directly w
 - ``ADW_BACKEND_READ_TOKEN_FILE``: file with read-only tokens (GET and WebSocket), one per line
 - ``ADW_BACKEND_MAX_EVENT_BYTES`` / ``ADW_BACKEND_MAX_BATCH_BYTES``: body size limits
 - ``ADW_BACKEND_WS_QUEUE``: messages a WebSocket client may fall behind before it is dropped
+- ``ADW_BACKEND_WS_QUEUE_BYTES``: the same bound in bytes (64 MiB)
 - ``ADW_BACKEND_SQLITE_SYNCHRONOUS``: ``full`` (default) or ``normal``
 """
 
@@ -52,6 +53,12 @@ class Settings(BaseModel):
         description="Messages a WebSocket client may have pending before it is dropped. A batch "
         "publishes one message per event at once, so keep it above max_batch_events; the text "
         "of a message is shared by every client, so memory grows with this, not with clients.",
+    )
+    ws_queue_bytes: int = Field(
+        default=64 * MiB,
+        ge=1024,
+        description="Bytes a WebSocket client may have pending before it is dropped (one "
+        "message is always let through, however large).",
     )
     sqlite_synchronous: Literal["full", "normal"] = Field(
         default="full",
@@ -125,7 +132,13 @@ def load_settings(
             values[field] = read_tokens_file(given, option)
         elif environ.get(variable):
             values[field] = read_tokens_file(Path(environ[variable]), variable)
-    for field in ("max_event_bytes", "max_batch_bytes", "ws_queue", "sqlite_synchronous"):
+    for field in (
+        "max_event_bytes",
+        "max_batch_bytes",
+        "ws_queue",
+        "ws_queue_bytes",
+        "sqlite_synchronous",
+    ):
         variable = f"ADW_BACKEND_{field.upper()}"
         if environ.get(variable):
             values[field] = environ[variable]
