@@ -61,8 +61,8 @@ On connect, one ``{"type": "workflows_snapshot", "data": {"workflows": [projecti
 per applied event, ``{"type": <event type>, "data": {...event data, "adw_id", "seq", "epoch",
 "workflow": <projection after it>}, "timestamp": <event timestamp>, "source": <event source>}``.
 A deleted workflow: ``{"type": "workflow_deleted", "data": {"adw_id"}, "timestamp", "source":
-"backend"}``. A client that falls behind by ``ws_queue`` messages is closed with code 1013;
-reconnect and take the new snapshot.
+"backend"}``. A client that falls behind (``ws_queue`` messages or ``ws_queue_bytes``) is closed
+with code 1013 (1001 when the server stops); reconnect and take the new snapshot.
 """
 
 from __future__ import annotations
