@@ -8,6 +8,7 @@ find its way back after the backend restarts. Every wait is on the page's DOM.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,39 @@ def test_page_shows_hostile_text_as_text(
     assert _text(browser, f'{_row("evil0001")} [data-field="issue"]') == "#<b>9</b>/feature"
     assert not browser.find_elements(By.CSS_SELECTOR, "#rows img, #rows b")
     assert browser.execute_script("return window.__owned === undefined;")
+
+
+def test_page_marks_a_stale_heartbeat(
+    tmp_path: Path,
+    start_serve: Callable[..., ServeProcess],
+    browser: WebDriver,  # noqa: F811
+) -> None:
+    serve = start_serve(f"sqlite:///{tmp_path / 'backend.db'}")
+    now = datetime.now(UTC)
+    with serve.client() as client:
+        for adw, age in (("fresh001", timedelta(seconds=5)), ("stale001", timedelta(minutes=10))):
+            event = {
+                "type": "agent_status",
+                "event_id": f"page-heartbeat-{adw}",
+                "adw_id": adw,
+                "seq": 1,
+                "timestamp": (now - age).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "source": "event",
+                "data": {
+                    "state": "running",
+                    "version": "0.1.0",
+                    "adw_id": adw,
+                    "outbox_depth": 3,
+                    "oldest_undelivered_age": 12.0,
+                    "last_delivery_error": None,
+                },
+            }
+            assert client.post("/api/v1/event/agent_status", json=event).status_code == 200
+    browser.get(serve.url + "/")
+    _wait(browser, "both rows", lambda d: _text(d, f'{_row("stale001")} [data-field="agent"]'))
+    stale = _text(browser, f'{_row("stale001")} [data-field="agent"]') or ""
+    fresh = _text(browser, f'{_row("fresh001")} [data-field="agent"]') or ""
+    assert stale.startswith("stale")
+    assert "heartbeat 10 min ago" in stale
+    assert not fresh.startswith("stale")
+    assert "3 queued" in fresh
