@@ -94,3 +94,24 @@ def test_host_app_mounts_the_router_and_gets_the_callback(tmp_path: Path, kind: 
         client.post("/adw/api/v1/event/workflow_update", content=orjson.dumps(ev))
         assert len(got) == 3
     assert host_lifespan == ["started", "stopped"]
+
+
+def test_a_failing_callback_does_not_fail_the_event(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def on_applied(projection: Projection) -> None:
+        calls.append(projection["adw_id"])
+        raise RuntimeError("the host's own table is locked")
+
+    app = FastAPI()
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'host.db'}")
+    app.include_router(create_router(settings=settings, on_applied=on_applied))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ev = workflow_update("a1", 1, branch_name="feat-host")
+        response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+        assert response.json() == {"accepted": 1, "duplicates": 0}
+        assert client.get("/api/v1/workflows/a1").json()["state"]["branch_name"] == "feat-host"
+        # Re-sent by the agent: stored once, so the host is not called again.
+        response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+        assert response.json() == {"accepted": 0, "duplicates": 1}
+    assert calls == ["a1"]
