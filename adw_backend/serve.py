@@ -8,6 +8,7 @@ messages go to standard error.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import signal
 import socket
@@ -30,6 +31,13 @@ class _Server(uvicorn.Server):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle_exit)
         yield
+
+
+def _ws_protocol() -> str:
+    """uvicorn's sans-I/O websockets protocol where available: about an eighth less CPU per
+    message sent than the legacy one, which matters when each event goes to every client."""
+    module = "uvicorn.protocols.websockets.websockets_sansio_impl"
+    return "websockets-sansio" if importlib.util.find_spec(module) is not None else "auto"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -72,6 +80,7 @@ def run(settings: Settings, host: str, port: int, log_level: str = "warning") ->
         # it again for each one (and keep a zlib context per connection): CPU and memory
         # that grow with the clients, for a few kB saved per message.
         ws_per_message_deflate=False,
+        ws=_ws_protocol(),
     )
     server = _Server(config)
     server.run(sockets=[sock])
