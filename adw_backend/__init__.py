@@ -10,11 +10,13 @@ Install with ``pip install 'adw-agent[backend]'``. Two ways to run it:
 - ``app.include_router(create_router(settings=Settings(...), on_applied=callback))`` in an
   existing FastAPI app (see :mod:`adw_backend.router`).
 
-Layout: :mod:`~adw_backend.settings` (the one frozen config), :mod:`~adw_backend.projection`
-(pure folding rules), :mod:`~adw_backend.store` (all SQL), :mod:`~adw_backend.broadcast`
-(WebSocket fan-out, replica notices), :mod:`~adw_backend.router` (HTTP and WebSocket),
-:mod:`~adw_backend.app` and :mod:`~adw_backend.serve` (the standalone service),
-:mod:`~adw_backend.errors`. The event models come from :mod:`agent.events`.
+Layout: :mod:`~adw_backend.settings` (the one frozen config), :mod:`~adw_backend.intake`
+(bodies read with a bound, parsed and checked), :mod:`~adw_backend.projection` (pure folding
+rules), :mod:`~adw_backend.store` (all SQL), :mod:`~adw_backend.broadcast` (WebSocket fan-out,
+replica notices), :mod:`~adw_backend.service` (what the routes share, started once),
+:mod:`~adw_backend.router` (HTTP and WebSocket routes), :mod:`~adw_backend.app` and
+:mod:`~adw_backend.serve` (the standalone service), :mod:`~adw_backend.errors`. The event
+models come from :mod:`agent.events`.
 
 Routes
 ------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from adw_backend.router import OnApplied, create_router
+from adw_backend.router import create_router
+from adw_backend.service import OnApplied
 from adw_backend.settings import Settings
 from agent import __version__
 

@@ -18,13 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import inspect
-import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
@@ -32,39 +27,22 @@ import anyio
 import orjson
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, Response
-from pydantic import SecretStr, TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails
-from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
-from adw_backend.broadcast import (
-    BEHIND,
-    Hub,
-    PgListener,
-    deleted_message,
-    event_message,
-    snapshot_message,
-)
+from adw_backend.broadcast import BEHIND, deleted_message, snapshot_message
 from adw_backend.errors import (
     BackendError,
     BadInput,
     DatabaseUnavailable,
-    InvalidEvent,
-    TooLarge,
     Unauthorized,
 )
-from adw_backend.projection import EventView, Projection, Status
+from adw_backend.intake import parse_batch, parse_one, read_body
+from adw_backend.projection import Status
+from adw_backend.service import OnApplied, Service
 from adw_backend.settings import Settings
-from adw_backend.store import Applied, Outcome, Store
-from agent.events import DATA_MODELS, Event, check_data, utc_now
+from agent.events import DATA_MODELS, utc_now
 
-log = logging.getLogger(__name__)
-
-OnApplied = Callable[[Projection], Awaitable[None] | None]
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_ID = 200
-MAX_TIMESTAMP = 64
-MAX_INT = 2**63 - 1  # a 64-bit signed column, in SQLite and PostgreSQL alike
 #: Workflows in a WebSocket snapshot and, by default, in a listing (the most recent ones).
 SNAPSHOT_LIMIT = 1000
 
@@ -78,204 +56,6 @@ def _problem(exc: BackendError) -> Response:
     if isinstance(exc, DatabaseUnavailable):
         headers = {"Retry-After": "1"}
     return _json({"detail": str(exc)}, exc.status, headers)
-
-
-def _reason(error: ErrorDetails) -> str:
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
-
-
-class Service:
-    """What the routes share: the store, the hub and, on PostgreSQL, the listener."""
-
-    def __init__(self, settings: Settings, on_applied: OnApplied | None) -> None:
-        self.settings = settings
-        self.on_applied = on_applied
-        self.store = Store(
-            settings.sqlalchemy_url,
-            cost_points=settings.cost_points,
-            notify_channel=settings.notify_channel,
-            origin=uuid.uuid4().hex,
-            sqlite_synchronous=settings.sqlite_synchronous,
-        )
-        self.hub = Hub(settings.ws_queue, settings.ws_queue_bytes)
-        self.listener: PgListener | None = None
-        self._started = False
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        self.hub.loop = asyncio.get_running_loop()
-        try:
-            await anyio.to_thread.run_sync(self.store.setup)
-        except DatabaseUnavailable:
-            log.warning("database unavailable at start; requests answer 503 until it is back")
-        if self.store.is_postgres:
-            url = self.store.engine.url.set(drivername="postgresql")
-            self.listener = PgListener(
-                url.render_as_string(hide_password=False),
-                self.settings.notify_channel,
-                self.store,
-                self.hub.publish_threadsafe,
-                utc_now,
-            )
-            self.listener.start()
-
-    async def stop(self) -> None:
-        self.hub.close()
-        if self.listener is not None:
-            await anyio.to_thread.run_sync(self.listener.stop)
-        self.store.close()
-        self._started = False
-
-    async def ingest(self, batch: list[EventView], sources: list[str]) -> Outcome:
-        await self.start()
-        outcome = await anyio.to_thread.run_sync(
-            self.store.ingest, list(zip(batch, sources, strict=True))
-        )
-        for item in outcome.applied:
-            if self.hub.clients:
-                self.hub.publish(event_message(item))
-            await self._notify(item)
-        return outcome
-
-    async def _notify(self, item: Applied) -> None:
-        if self.on_applied is None:
-            return
-        callback = self.on_applied
-        try:
-            if inspect.iscoroutinefunction(callback):
-                await callback(item.projection)
-            else:
-                # A plain function may block (the host's own database): keep it off the loop.
-                result = await anyio.to_thread.run_sync(callback, item.projection)
-                if inspect.isawaitable(result):
-                    await result
-        except Exception:
-            # The event is stored and broadcast; the host's own update failing must not make
-            # the agent send it again.
-            log.exception("on_applied callback failed for %s", item.event["adw_id"])
-
-    def authorize(self, header: str | None, *, write: bool) -> None:
-        """Constant-time check of a bearer token against every configured token."""
-        settings = self.settings
-        if not settings.auth_enabled:
-            return
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("missing Authorization: Bearer token")
-        given = token.strip().encode()
-        # Every token is compared (no early exit), so the time taken does not say which matched.
-        writes = [_same(given, t) for t in settings.tokens]
-        reads = [_same(given, t) for t in settings.read_tokens]
-        if any(writes) or (not write and any(reads)):
-            return
-        raise Unauthorized("this token may not write" if any(reads) else "invalid token")
-
-
-def _same(given: bytes, token: SecretStr) -> bool:
-    return hmac.compare_digest(given, token.get_secret_value().encode())
-
-
-#: The whole batch is parsed and its envelopes validated in one pass (pydantic-core's own JSON
-#: parser): a third of the time of decoding first and validating each envelope after.
-_BATCH: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
-
-
-def _envelope_error(exc: ValidationError, batch: bool) -> BackendError:
-    """One line for the first problem: not JSON, not the right shape, or which event."""
-    error = exc.errors()[0]
-    if error["type"] == "json_invalid":
-        return BadInput(f"body is not JSON: {error['msg']}")
-    if batch and not error["loc"]:
-        return BadInput("body must be a JSON array of events")
-    where = ""
-    if batch:
-        index, *rest = error["loc"]
-        where = f"event {index}: "
-        error = {**error, "loc": tuple(rest)}
-    return InvalidEvent(f"{where}invalid envelope: {_reason(error)}")
-
-
-def parse_one(body: bytes) -> tuple[EventView, str]:
-    """The event in ``body``, checked, or a :class:`BadInput` with one line."""
-    try:
-        event = Event.model_validate_json(body)
-    except ValidationError as exc:
-        raise _envelope_error(exc, batch=False) from None
-    return check_event(event)
-
-
-def parse_batch(body: bytes, limit: int) -> list[tuple[EventView, str]]:
-    """The events of a batch body, checked; the first bad one rejects the batch."""
-    try:
-        events = _BATCH.validate_json(body)
-    except ValidationError as exc:
-        raise _envelope_error(exc, batch=True) from None
-    if len(events) > limit:
-        raise TooLarge(f"more than {limit} events in one batch")
-    return [check_event(event, f"event {i}: ") for i, event in enumerate(events)]
-
-
-def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
-    """What the envelope model cannot say: bounds, one timestamp spelling, and ``data``
-    against its type's model."""
-    for name, value, bound in (
-        ("event_id", event.event_id, MAX_ID),
-        ("adw_id", event.adw_id, MAX_ID),
-        ("timestamp", event.timestamp, MAX_TIMESTAMP),
-    ):
-        if not value or len(value) > bound or "\x00" in value:
-            raise InvalidEvent(
-                f"{where}invalid envelope: {name}: empty, over {bound} characters or with NUL"
-            )
-    for name, number in (("seq", event.seq), ("epoch", event.epoch)):
-        if number > MAX_INT:
-            raise InvalidEvent(f"{where}invalid envelope: {name}: over {MAX_INT}")
-    # One spelling (UTC, milliseconds, Z), so that timestamps compare as strings everywhere.
-    try:
-        moment = datetime.fromisoformat(event.timestamp)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        utc = moment.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise InvalidEvent(f"{where}invalid envelope: timestamp: not ISO 8601") from None
-    timestamp = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    try:
-        data = check_data(event.type, event.data)
-    except ValidationError as exc:
-        reason = _reason(exc.errors()[0])
-        raise InvalidEvent(f"{where}data does not fit {event.type}: {reason}") from None
-    view: EventView = {
-        "type": event.type,
-        "event_id": event.event_id,
-        "adw_id": event.adw_id,
-        "epoch": event.epoch,
-        "seq": event.seq,
-        "timestamp": timestamp,
-        "data": data,
-    }
-    return view, event.source
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to be over ``limit`` (before parsing)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise TooLarge(f"body over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge(f"body over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # Nobody will read the answer; it only keeps the disconnect out of the error log.
-        raise BadInput("the client left before the body was sent") from None
-    return b"".join(chunks)
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int = 2**62) -> int:
