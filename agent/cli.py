@@ -105,7 +105,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # The demo prints the events; warnings about its simulated failure would be noise.
     logs.setup("error")
-    return demo.run(args.duration)
+    return demo.run(args.duration, args.linger)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from adw_backend import serve  # noqa: PLC0415  (an optional extra)
+        from adw_backend.errors import SettingsError  # noqa: PLC0415
+        from adw_backend.settings import load_settings  # noqa: PLC0415
+    except ImportError as exc:
+        print(
+            f"adw-agent serve: the backend is not installed ({exc.name} is missing); "
+            "install it with: pip install 'adw-agent[backend]'",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        settings = load_settings(
+            database_url=args.database,
+            token_file=Path(args.token_file) if args.token_file else None,
+            read_token_file=Path(args.read_token_file) if args.read_token_file else None,
+        )
+        return serve.run(settings, args.host, args.port, args.log_level)
+    except SettingsError as exc:
+        print(f"adw-agent serve: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -211,8 +235,30 @@ def parser() -> argparse.ArgumentParser:
     receive.add_argument("--out", help="append each event to this JSON-lines file")
     receive.set_defaults(func=cmd_receive)
 
+    serve = sub.add_parser("serve", help="run the backend: store events, serve the live page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8003, help="0 picks a free port")
+    serve.add_argument(
+        "--database",
+        help="sqlite:///FILE (default sqlite:///adw-backend.db) or postgresql://…; "
+        "also ADW_BACKEND_DATABASE_URL",
+    )
+    serve.add_argument("--token-file", help="write tokens, one per line (also read)")
+    serve.add_argument("--read-token-file", help="read-only tokens: GET and WebSocket")
+    serve.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    serve.set_defaults(func=cmd_serve)
+
     demo = sub.add_parser("demo", help="run everything on a built-in simulated workflow")
     demo.add_argument("--duration", type=float, default=8.0, help="seconds (at most 55)")
+    demo.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep serving the live page S seconds after the simulation",
+    )
     demo.set_defaults(func=cmd_demo)
 
     cost = sub.add_parser("cost", help="cost of a transcript or a run directory, offline")

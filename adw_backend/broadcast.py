@@ -1,0 +1,242 @@
+"""Live updates to WebSocket clients, and between replicas through PostgreSQL.
+
+Each client has a queue bounded in messages and in bytes (a message's text is shared by all
+clients, so memory is bounded by the bytes one client may hold). Publishing never waits: a
+client whose queue is full has fallen behind, and it is dropped (closed with 1013, "try again
+later"; the live page reconnects and starts again from a snapshot) rather than slow ingestion
+or the other clients.
+A message is serialised once, whatever the number of clients.
+
+With PostgreSQL, a replica that applies an event also sends ``NOTIFY`` in the same transaction
+(see :mod:`adw_backend.store`); :class:`PgListener` in every replica reads those, skips its
+own, loads the event and projection from the database and publishes them to its own clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from adw_backend.errors import DatabaseUnavailable
+from adw_backend.projection import Projection
+from adw_backend.store import Applied, Store
+
+log = logging.getLogger(__name__)
+
+#: Notices handled together at most (one query loads their events).
+GROUP = 1000
+
+
+def event_message(item: Applied) -> dict[str, Any]:
+    """The seed plan's message shape for one applied event."""
+    ev = item.event
+    return {
+        "type": ev["type"],
+        "data": {
+            **ev["data"],
+            "adw_id": ev["adw_id"],
+            "seq": ev["seq"],
+            "epoch": ev["epoch"],
+            "workflow": item.projection,
+        },
+        "timestamp": ev["timestamp"],
+        "source": item.source,
+    }
+
+
+def snapshot_message(projections: list[Projection], timestamp: str) -> dict[str, Any]:
+    return {
+        "type": "workflows_snapshot",
+        "data": {"workflows": projections},
+        "timestamp": timestamp,
+        "source": "backend",
+    }
+
+
+def deleted_message(adw_id: str, timestamp: str) -> dict[str, Any]:
+    return {
+        "type": "workflow_deleted",
+        "data": {"adw_id": adw_id},
+        "timestamp": timestamp,
+        "source": "backend",
+    }
+
+
+#: WebSocket close codes: the client fell behind (try again later), the server is stopping.
+BEHIND = 1013
+GOING_AWAY = 1001
+
+
+class Client:
+    """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop", with
+    ``close_code`` saying why."""
+
+    def __init__(self, bound: int, max_bytes: int) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=bound)
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
+        self.dropped = False
+        self.close_code = BEHIND
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text``; False when the client is too far behind in messages or bytes."""
+        if self.pending_bytes + len(text) > self.max_bytes and not self.queue.empty():
+            return False
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:
+            return False
+        self.pending_bytes += len(text)
+        return True
+
+    async def next(self) -> str | None:
+        text = await self.queue.get()
+        if text is not None:
+            self.pending_bytes -= len(text)
+        return text
+
+    def drop(self, code: int = BEHIND) -> None:
+        """Stop the sender: empty the queue so the stop marker fits."""
+        self.dropped = True
+        self.close_code = code
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.pending_bytes = 0
+        self.queue.put_nowait(None)
+
+
+class Hub:
+    """The connected clients of this process. Call every method from the event loop,
+    except :meth:`publish_threadsafe`."""
+
+    def __init__(self, bound: int, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._bound = bound
+        self._max_bytes = max_bytes
+        self._clients: set[Client] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.dropped_total = 0
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def add(self) -> Client:
+        client = Client(self._bound, self._max_bytes)
+        self._clients.add(client)
+        return client
+
+    def remove(self, client: Client) -> None:
+        self._clients.discard(client)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        if not self._clients:
+            return
+        text = orjson.dumps(message).decode()
+        for client in list(self._clients):
+            if not client.offer(text):
+                self._clients.discard(client)
+                self.dropped_total += 1
+                log.warning(
+                    "dropped a WebSocket client that fell behind (%d messages, %d bytes queued)",
+                    client.queue.qsize(),
+                    client.pending_bytes,
+                )
+                client.drop()
+
+    def publish_threadsafe(self, message: dict[str, Any]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: shutting down
+                self.loop.call_soon_threadsafe(self.publish, message)
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            client.drop(GOING_AWAY)
+        self._clients.clear()
+
+
+class PgListener:
+    """A thread that LISTENs on the notify channel and republishes other replicas' events.
+
+    Its own connection is reconnected after an error (the database restarting), with a pause.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        channel: str,
+        store: Store,
+        deliver: Callable[[dict[str, Any]], None],
+        now: Callable[[], str],
+    ) -> None:
+        self._conninfo = conninfo
+        self._channel = channel
+        self._store = store
+        self._deliver = deliver
+        self._now = now
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import psycopg  # noqa: PLC0415  (only with PostgreSQL)
+
+        failing = False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {self._channel}")  # the name is validated in Settings
+                    self.ready.set()
+                    while not self._stop.is_set():
+                        first = list(conn.notifies(timeout=0.5, stop_after=1))
+                        if not first:
+                            continue
+                        # A batch commits its notices together: take what has already arrived
+                        # with the first one, and load it all in one query.
+                        more = list(conn.notifies(timeout=0.0, stop_after=GROUP - 1))
+                        self._handle([note.payload for note in first + more])
+            except psycopg.Error as exc:
+                # Said once per outage, not once per retry.
+                if self.ready.is_set() or not failing:
+                    log.warning("cannot hear the other replicas, retrying: %s", exc)
+                failing = True
+                self.ready.clear()
+                self._stop.wait(1.0)
+
+    def _handle(self, payloads: list[str]) -> None:
+        pending: list[str] = []
+        for payload in payloads:
+            try:
+                note = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(note, dict) or note.get("origin") == self._store.origin:
+                continue
+            if "deleted" in note:
+                self._load(pending)
+                pending = []
+                self._deliver(deleted_message(str(note["deleted"]), self._now()))
+            elif note.get("event_id"):
+                pending.append(str(note["event_id"]))
+        self._load(pending)
+
+    def _load(self, event_ids: list[str]) -> None:
+        try:
+            items = self._store.event_messages(event_ids)
+        except DatabaseUnavailable:
+            log.warning("cannot load %d replicated event(s)", len(event_ids))
+            return
+        for item in items:
+            self._deliver(event_message(item))

@@ -1,0 +1,118 @@
+"""What the routes share: the store, the WebSocket hub, the replica listener and the host's
+callback, started once per process (by the router's lifespan, or by the first request)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import anyio
+from pydantic import SecretStr
+
+from adw_backend.broadcast import Hub, PgListener, event_message
+from adw_backend.errors import DatabaseUnavailable, Unauthorized
+from adw_backend.projection import EventView, Projection
+from adw_backend.settings import Settings
+from adw_backend.store import Applied, Outcome, Store
+from agent.events import utc_now
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[Projection], Awaitable[None] | None]
+
+
+class Service:
+    """What the routes share: the store, the hub and, on PostgreSQL, the listener."""
+
+    def __init__(self, settings: Settings, on_applied: OnApplied | None) -> None:
+        self.settings = settings
+        self.on_applied = on_applied
+        self.store = Store(
+            settings.sqlalchemy_url,
+            cost_points=settings.cost_points,
+            notify_channel=settings.notify_channel,
+            origin=uuid.uuid4().hex,
+            sqlite_synchronous=settings.sqlite_synchronous,
+        )
+        self.hub = Hub(settings.ws_queue, settings.ws_queue_bytes)
+        self.listener: PgListener | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.hub.loop = asyncio.get_running_loop()
+        try:
+            await anyio.to_thread.run_sync(self.store.setup)
+        except DatabaseUnavailable:
+            log.warning("database unavailable at start; requests answer 503 until it is back")
+        if self.store.is_postgres:
+            url = self.store.engine.url.set(drivername="postgresql")
+            self.listener = PgListener(
+                url.render_as_string(hide_password=False),
+                self.settings.notify_channel,
+                self.store,
+                self.hub.publish_threadsafe,
+                utc_now,
+            )
+            self.listener.start()
+
+    async def stop(self) -> None:
+        self.hub.close()
+        if self.listener is not None:
+            await anyio.to_thread.run_sync(self.listener.stop)
+        self.store.close()
+        self._started = False
+
+    async def ingest(self, batch: list[EventView], sources: list[str]) -> Outcome:
+        await self.start()
+        outcome = await anyio.to_thread.run_sync(
+            self.store.ingest, list(zip(batch, sources, strict=True))
+        )
+        for item in outcome.applied:
+            if self.hub.clients:
+                self.hub.publish(event_message(item))
+            await self._notify(item)
+        return outcome
+
+    async def _notify(self, item: Applied) -> None:
+        if self.on_applied is None:
+            return
+        callback = self.on_applied
+        try:
+            if inspect.iscoroutinefunction(callback):
+                await callback(item.projection)
+            else:
+                # A plain function may block (the host's own database): keep it off the loop.
+                result = await anyio.to_thread.run_sync(callback, item.projection)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception:
+            # The event is stored and broadcast; the host's own update failing must not make
+            # the agent send it again.
+            log.exception("on_applied callback failed for %s", item.event["adw_id"])
+
+    def authorize(self, header: str | None, *, write: bool) -> None:
+        """Constant-time check of a bearer token against every configured token."""
+        settings = self.settings
+        if not settings.auth_enabled:
+            return
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing Authorization: Bearer token")
+        given = token.strip().encode()
+        # Every token is compared (no early exit), so the time taken does not say which matched.
+        writes = [_same(given, t) for t in settings.tokens]
+        reads = [_same(given, t) for t in settings.read_tokens]
+        if any(writes) or (not write and any(reads)):
+            return
+        raise Unauthorized("this token may not write" if any(reads) else "invalid token")
+
+
+def _same(given: bytes, token: SecretStr) -> bool:
+    return hmac.compare_digest(given, token.get_secret_value().encode())

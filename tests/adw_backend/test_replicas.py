@@ -1,0 +1,107 @@
+"""Two ``serve`` replicas on one PostgreSQL: what one applies, the other's clients see, and a
+re-sent event is a duplicate whichever replica it reaches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+
+from tests.adw_backend.conftest import PgCluster, ServeProcess, throwaway_cluster
+from tests.adw_backend.factory import cost_update, workflow_update
+
+WAIT = 30.0
+
+
+def test_event_posted_to_a_reaches_a_client_of_b(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    database = pg_cluster.create_database()
+    a = start_serve(database)
+    b = start_serve(database)
+    with b.client() as client:
+        assert client.get("/healthz").json()["listening"] in (True, False)
+    b.wait_listening()
+
+    async def scenario() -> None:
+        async with (
+            websockets.connect(b.ws_url) as on_b,
+            httpx.AsyncClient(base_url=a.url) as to_a,
+            httpx.AsyncClient(base_url=b.url) as to_b,
+        ):
+            snapshot = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert snapshot["type"] == "workflows_snapshot"
+            ev = workflow_update("r1", 1, branch_name="feat-replica")
+            response = await to_a.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+            assert response.json() == {"accepted": 1, "duplicates": 0}
+            message: dict[str, Any] = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert message["type"] == "workflow_update"
+            assert message["data"]["adw_id"] == "r1"
+            assert message["data"]["seq"] == 1
+            assert message["data"]["workflow"]["state"]["branch_name"] == "feat-replica"
+
+            # The same event sent to B (the agent retrying through another replica).
+            response = await to_b.post("/api/v1/event/workflow_update", content=orjson.dumps(ev))
+            assert response.json() == {"accepted": 0, "duplicates": 1}
+            # Interleaved writes to both replicas all land in one projection.
+            posts = [
+                (to_a if seq % 2 else to_b).post(
+                    "/api/v1/event/cost_update", content=orjson.dumps(cost_update("r1", seq, seq))
+                )
+                for seq in range(2, 22)
+            ]
+            assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+            seen = [orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)) for _ in range(20)]
+            assert sorted(m["data"]["seq"] for m in seen) == list(range(2, 22))
+            workflow = (await to_a.get("/api/v1/workflows/r1")).json()
+            assert workflow["cost"]["current_cost"] == 21
+            assert len(workflow["cost_points"]) == 20
+
+            # A batch to A reaches B's client whole, each ADW's events in order.
+            batch = [cost_update(adw, seq, seq) for seq in range(1, 101) for adw in ("x1", "x2")]
+            response = await to_a.post("/api/v1/events", content=orjson.dumps(batch))
+            assert response.json() == {"accepted": 200, "duplicates": 0}
+            seen = [orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)) for _ in batch]
+            for adw in ("x1", "x2"):
+                seqs = [m["data"]["seq"] for m in seen if m["data"]["adw_id"] == adw]
+                assert seqs == list(range(1, 101))
+            # A deletion on A is announced by B.
+            assert (await to_a.delete("/api/v1/workflows/x1")).status_code == 200
+            message = orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT))
+            assert message == {**message, "type": "workflow_deleted", "data": {"adw_id": "x1"}}
+
+    asyncio.run(scenario())
+
+
+def test_database_outage_is_503_then_recovers(
+    start_serve: Callable[..., ServeProcess],
+) -> None:
+    with throwaway_cluster() as cluster:
+        server = start_serve(cluster.url())
+        server.wait_listening()
+        with server.client() as client:
+            ev = workflow_update("o1", 1, branch_name="before")
+            assert (
+                client.post("/api/v1/event/workflow_update", content=orjson.dumps(ev)).json()[
+                    "accepted"
+                ]
+                == 1
+            )
+            cluster.stop()
+            late = workflow_update("o1", 2, branch_name="during")
+            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert client.get("/healthz").status_code == 503
+            cluster.start_server()
+            # What the agent does: send the same event again until it is accepted.
+            server.wait_healthy()
+            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
+            assert response.json() == {"accepted": 1, "duplicates": 0}
+            assert client.get("/api/v1/workflows/o1").json()["state"]["branch_name"] == "during"
+            server.wait_listening()
+    assert "Traceback" not in server.stderr()
