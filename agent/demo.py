@@ -3,8 +3,8 @@
 The backend (``adw-agent serve`` on a temporary SQLite file) listens on a free port and its
 live page's URL is printed first. A small simulator writes a temporary ADW run the way
 tac-webbuilder does (state rewritten in place, sometimes in two halves; phases; an agent
-transcript appended line by line, including a retry that truncates it; finally a failure in
-error.log), and the agent watches it and delivers every change. Each event prints as the
+transcript appended line by line, including a retry that truncates it; finally a failed Build:
+the orchestrator's execution.log, then ``end_time`` while Build is still current), and the agent watches it and delivers every change. Each event prints as the
 backend's WebSocket announces it; ``--linger`` keeps the page up afterwards.
 """
 
@@ -121,10 +121,15 @@ async def simulate(run_dir: Path, pause: float = 0.4) -> None:
     phases["current"] = "Build"
     _write_in_place(run_dir / "completed_phases.json", phases)
     await asyncio.sleep(pause)
-    (run_dir / "error.log").write_text(
-        "Traceback (most recent call last):\n  ...\nRuntimeError: build failed: tests red\n"
+    # How tac-webbuilder fails a run today: the orchestrator logs the error in its script folder,
+    # then the clean-up writes end_time while the failing phase is still current.
+    orchestrator = run_dir / "adw_sdlc_complete_iso"
+    orchestrator.mkdir()
+    (orchestrator / "execution.log").write_text(
+        "2026-11-30 12:00:00 - ERROR - RuntimeError: build failed: tests red\n"
+        "2026-11-30 12:00:00 - ERROR - Build phase failed after all retries\n"
     )
-    state["status"] = "failed"
+    state["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_in_place(run_dir / "adw_state.json", state)
 
 
@@ -334,7 +339,8 @@ async def _simulate_and_watch(tmp: Path, url: str, duration: float) -> int:
     started = time.monotonic()
     await asyncio.sleep(0.3)
     await simulate(run_dir)
-    await asyncio.sleep(max(0.0, min(duration, 55.0) - (time.monotonic() - started)))
+    # The run's last write needs a moment to be read and delivered, however short the demo.
+    await asyncio.sleep(max(1.5, min(duration, 55.0) - (time.monotonic() - started)))
     agent.should_exit.set()
     return await task
 
