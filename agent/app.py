@@ -27,8 +27,9 @@ import signal
 import ssl
 import threading
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -37,6 +38,7 @@ from agent import config as config_module
 from agent.config import Config
 from agent.deliver import Sender, build_client
 from agent.errors import AgentError, ConfigError, StorageError
+from agent.layout import RESCAN, Change, FileKey
 from agent.notify import Notifier
 from agent.outbox import STORAGE_RETRY, Store, lock_storage
 from agent.pipeline import Outcome, Pipeline
@@ -65,7 +67,7 @@ class _Timers:
     resync: float = 0.0
     watchdog: float = 0.0
     outbox: float = 0.0
-    retries: dict[str, _Retry] = field(default_factory=dict)
+    retries: dict[FileKey | Literal["storage"], _Retry] = field(default_factory=dict)
 
 
 _T = TypeVar("_T")
@@ -92,9 +94,9 @@ class Agent:
         self.should_exit = asyncio.Event()
         self._reload = False
         self._changed = asyncio.Event()
-        self._pending: set[str] = set()
+        self._pending: set[Change] = set()
         # Pending keys whose last event was their writer closing them (see _debounce).
-        self._closed: set[str] = set()
+        self._closed: set[Change] = set()
         self._noted = asyncio.Event()
         self._last_change = 0.0
         self._timers = _Timers()
@@ -363,7 +365,7 @@ class Agent:
             previous, self._watcher, self._dir_ino = self.watcher, watcher, ino
             await self._stop_watcher(previous, time.monotonic() + _WATCHER_STOP)
             if running:
-                self._process({"rescan"})  # what changed between the two watchers
+                self._process({RESCAN})  # what changed between the two watchers
         if new.log.level != old.log.level:
             logging.getLogger("adw_agent").setLevel(new.log.level.upper())
         # A new backend or token deserves a fresh attempt; anything queued goes there.
@@ -403,7 +405,7 @@ class Agent:
             loop.call_soon_threadsafe(self._note, path, closed)
 
     def _note(self, path: str, closed: bool = False) -> None:
-        key = self.pipeline.classify(path)
+        key = self.pipeline.layout.classify(path)
         if key is None:
             return
         self._pending.add(key)
@@ -453,7 +455,7 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._noted.wait(), min(quiet_at, give_up) - now)
 
-    def _take_pending(self) -> set[str]:
+    def _take_pending(self) -> set[Change]:
         keys, self._pending = self._pending, set()
         self._closed.clear()
         self._changed.clear()
@@ -479,7 +481,7 @@ class Agent:
             due.discard("storage")
             self._status("running", direct=False)
         if due:
-            self._process(due)
+            self._process({key for key in due if isinstance(key, FileKey)})
         # A watcher that stopped by itself (its directory was deleted) is healed at once,
         # not at the next rescan.
         if now >= t.rescan or not (self._watch_paused or self.watcher.alive()):
@@ -502,12 +504,12 @@ class Agent:
             else:
                 log.error("watcher or sender is not running; withholding the watchdog ping")
 
-    def _process(self, keys: set[str]) -> None:
+    def _process(self, keys: set[Change]) -> None:
         if self._storage_blocked():
             # It would fail again at once: read these when the store is tried next.
             self._pending |= keys
             return
-        before = self.store.db.total_changes
+        before = self.store.total_changes
         try:
             outcome = self.pipeline.process(keys)
         except StorageError as exc:
@@ -516,19 +518,19 @@ class Agent:
             )
             self._storage_failed(exc, keys)
             return
-        self._handle(keys, outcome, self.store.db.total_changes > before)
+        self._handle(keys, outcome, self.store.total_changes > before)
 
     def _sync(self) -> None:
         try:
             outcome = self.pipeline.snapshot()
         except StorageError as exc:
             self._sync_pending = True
-            self._storage_failed(exc, {"rescan"})
+            self._storage_failed(exc, {RESCAN})
             return
         self._sync_pending = False
         self._handle(self.pipeline.all_keys(), outcome, wrote=True)
 
-    def _handle(self, keys: set[str], outcome: Outcome, wrote: bool) -> None:
+    def _handle(self, keys: AbstractSet[Change], outcome: Outcome, wrote: bool) -> None:
         """Schedule parse retries and follow-up reads after a successful batch."""
         if wrote or self._storage_error is None:
             # A batch that wrote nothing proves nothing about a failing store.
@@ -556,7 +558,7 @@ class Agent:
 
     # -- storage health ---------------------------------------------------------------------
 
-    def _storage_failed(self, exc: StorageError, keys: set[str], state: str = "running") -> None:
+    def _storage_failed(self, exc: StorageError, keys: set[Change], state: str = "running") -> None:
         first = self._storage_error is None
         self._storage_error = str(exc)
         if first:
@@ -579,7 +581,7 @@ class Agent:
         retry = self._timers.retries.get("storage")
         return retry is not None and retry.due > time.monotonic()
 
-    def _retry_at(self, key: str) -> float:
+    def _retry_at(self, key: FileKey | Literal["storage"]) -> float:
         """When a retry is due. While the store is failing, none is due before the store is
         tried again: each would fail at once (and the main loop would spin on it)."""
         retries = self._timers.retries
@@ -634,7 +636,7 @@ class Agent:
             log.info("watching the run directory again", extra={"path": str(run_dir)})
             await self._stop_watcher(self.watcher, time.monotonic() + _WATCHER_STOP)
             self._start_watcher()
-        self._process({"rescan"})
+        self._process({RESCAN})
 
     def _new_watcher(self, config: Config) -> Watcher:
         return Watcher(

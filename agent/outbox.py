@@ -25,7 +25,12 @@ from typing import Any, Literal
 import orjson
 
 from agent.errors import ConfigError, StorageError
-from agent.events import COALESCIBLE, Source, check_data, envelope
+from agent.events import COALESCIBLE, EventType, Source, check_data, envelope
+from agent.layout import FileKey
+
+#: What the store keeps per run besides the outbox: what was read of each file, and the cost
+#: reported so far and whether a failure was reported (the pipeline's own records).
+Record = FileKey | Literal["cost", "failure_reported"]
 
 DB_NAME = "agent.sqlite3"
 LOCK_NAME = "agent.lock"
@@ -81,28 +86,52 @@ class Transaction:
         self._db = store.db
         self.emitted: list[int] = []
 
-    def get(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT value FROM files WHERE key = ?", (key,)).fetchone()
+    def get(self, key: Record) -> bytes | None:
+        row = self._db.execute("SELECT value FROM files WHERE key = ?", (str(key),)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def get_json(self, key: str) -> Any:
+    def get_json(self, key: Record) -> Any:
         raw = self.get(key)
         return None if raw is None else orjson.loads(raw)
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: Record, value: bytes) -> None:
         self._db.execute(
             "INSERT INTO files (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
+            (str(key), value),
         )
 
-    def put_json(self, key: str, value: Any) -> None:
+    def put_json(self, key: Record, value: Any) -> None:
         self.put(key, orjson.dumps(value))
 
-    def delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM files WHERE key = ?", (key,))
+    def delete(self, key: Record) -> None:
+        self._db.execute("DELETE FROM files WHERE key = ?", (str(key),))
 
-    def emit(self, event_type: str, data: dict[str, Any], source: Source = "event") -> int:
+    def transcripts(self) -> list[FileKey]:
+        """Every transcript the store holds a record of, in name order."""
+        return _transcript_keys(self._db)
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo only what happens inside when it raises; the transaction goes on.
+
+        A failure of the store itself is not undone here: it becomes a
+        :class:`~agent.errors.StorageError`, and the whole transaction rolls back.
+        """
+        self._db.execute("SAVEPOINT isolated")
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        except StorageError:
+            raise
+        except BaseException:
+            self._db.execute("ROLLBACK TO isolated")
+            self._db.execute("RELEASE isolated")
+            raise
+        self._db.execute("RELEASE isolated")
+
+    def emit(self, event_type: EventType, data: dict[str, Any], source: Source = "event") -> int:
         """Queue an event; returns its seq. ``data`` is validated against its model."""
         data = check_data(event_type, data)
         if event_type in COALESCIBLE:
@@ -126,7 +155,7 @@ class Transaction:
         _put_meta(self._db, "seq", seq)
         return seq
 
-    def _coalesce(self, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    def _coalesce(self, event_type: EventType, data: dict[str, Any]) -> dict[str, Any]:
         row = self._db.execute(
             "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
             (event_type, self._store.sent_floor),
@@ -219,6 +248,18 @@ class Store:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+    def transcripts(self) -> list[FileKey]:
+        """Every transcript the store holds a record of, in name order."""
+        try:
+            return _transcript_keys(self.db)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+
+    @property
+    def total_changes(self) -> int:
+        """Rows changed through this connection so far: whether a batch wrote anything."""
+        return self.db.total_changes
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -357,6 +398,74 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         return outbox_stats(self.db)
+
+
+class StoreView:
+    """A read-only look at a store, for the operator commands: it never changes what a running
+    agent sees. Every SQLite failure becomes a :class:`~agent.errors.StorageError`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        try:
+            self._db = Store.inspect(directory)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.Error) -> StorageError:
+        return StorageError(f"cannot read the agent store in {self.directory}: {exc}")
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def __enter__(self) -> StoreView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return outbox_stats(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def meta(self, key: str) -> Any:
+        try:
+            return read_meta(self._db, key)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        try:
+            return dead_letter_rows(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def record(self, key: Record) -> bytes | None:
+        try:
+            row = self._db.execute("SELECT value FROM files WHERE key = ?", (str(key),)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        return None if row is None else bytes(row[0])
+
+    def transcript_records(self) -> list[tuple[FileKey, bytes]]:
+        """Every transcript's saved record, in name order."""
+        try:
+            keys = _transcript_keys(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        out: list[tuple[FileKey, bytes]] = []
+        for key in keys:
+            value = self.record(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+
+def _transcript_keys(db: sqlite3.Connection) -> list[FileKey]:
+    rows = db.execute("SELECT key FROM files WHERE key LIKE 'transcript:%' ORDER BY key").fetchall()
+    return [FileKey.parse(str(row[0])) for row in rows]
 
 
 def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:

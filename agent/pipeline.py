@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -51,17 +50,9 @@ from agent.account import PriceTable, Tokens, TranscriptLedger, fold_key
 from agent.config import Config
 from agent.errors import ReadError, StorageError
 from agent.events import Source
+from agent.layout import ERRORLOG, PHASES, RESCAN, STATE, Change, FileKey, RunLayout
 from agent.outbox import Store, Transaction
-from agent.read import (
-    ERROR_LOG,
-    PHASES_FILE,
-    STATE_FILE,
-    TRANSCRIPT,
-    read_phases,
-    read_state,
-    read_tail,
-    safe_subdir,
-)
+from agent.read import read_phases, read_state, read_tail
 from agent.transcript import Position, TranscriptError, TranscriptReader
 
 log = logging.getLogger("adw_agent.pipeline")
@@ -73,9 +64,10 @@ _MAX_MODELS = 32
 _MAX_PHASES = 64
 #: Files whose warnings are remembered; names come from the run directory.
 _MAX_WARNED_FILES = 4096
-_FILES = {"state": STATE_FILE, "phases": PHASES_FILE, "errorlog": ERROR_LOG}
 _MISSING = object()
 _T = TypeVar("_T")
+#: What one isolated step of a batch handles: one file, or the run's cost.
+Step = FileKey | Literal["cost"]
 
 
 @dataclass
@@ -90,8 +82,8 @@ class Outcome:
     """What one batch did: events queued, and paths to look at again soon."""
 
     emitted: int = 0
-    retry: set[str] = field(default_factory=set)
-    more: set[str] = field(default_factory=set)
+    retry: set[FileKey] = field(default_factory=set)
+    more: set[FileKey] = field(default_factory=set)
 
 
 @dataclass
@@ -110,10 +102,10 @@ class _Warnings:
     """
 
     def __init__(self, limit: int = _MAX_WARNED_FILES) -> None:
-        self._problems: dict[str, set[str]] = {}
+        self._problems: dict[Step, set[str]] = {}
         self._limit = limit
 
-    def warn(self, file: str, problem: str, message: str, *args: object, path: str) -> None:
+    def warn(self, file: Step, problem: str, message: str, *args: object, path: str) -> None:
         problems = self._problems.get(file)
         if problems is None:
             if len(self._problems) >= self._limit:
@@ -123,15 +115,15 @@ class _Warnings:
             problems.add(problem)
             log.warning(message, *args, extra={"path": path})
 
-    def ok(self, file: str) -> None:
+    def ok(self, file: Step) -> None:
         """The file read fine: its problems may be warned about again."""
         self._problems.pop(file, None)
 
-    def problems(self, file: str) -> set[str] | None:
+    def problems(self, file: Step) -> set[str] | None:
         problems = self._problems.get(file)
         return None if problems is None else set(problems)
 
-    def restore(self, file: str, problems: set[str] | None) -> None:
+    def restore(self, file: Step, problems: set[str] | None) -> None:
         if problems is None:
             self._problems.pop(file, None)
         else:
@@ -160,84 +152,54 @@ class Pipeline:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
+        self.layout = RunLayout(config.adw.dir)
         self.run_dir = config.adw.dir
         self.prices = PriceTable.from_config(config.cost)
-        self._transcripts: dict[str, _Transcript] = {}
+        self._transcripts: dict[FileKey, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
-        self._frozen: set[str] = set()
+        self._frozen: set[FileKey] = set()
         self._warnings = _Warnings()
-        self._last_read_error: dict[str, ReadError] = {}
+        self._last_read_error: dict[FileKey, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
 
-    # -- classification -------------------------------------------------------------------
+    # -- which files ---------------------------------------------------------------------
 
-    def classify(self, path: str) -> str | None:
-        """The key of the file a changed path belongs to, or None if it is not ours.
+    def all_keys(self) -> set[FileKey]:
+        """Every file that may exist now, and every transcript the store knows: a full rescan."""
+        return self.layout.present() | set(self.store.transcripts())
 
-        Keys: ``state``, ``phases``, ``errorlog``, ``transcript:<agent>``, ``agent:<agent>``
-        (a directory appeared) and ``rescan`` (the run directory itself changed).
-        """
-        try:
-            parts = Path(path).relative_to(self.run_dir).parts
-        except ValueError:
-            return "rescan" if Path(path) in self.run_dir.parents else None
-        if not parts:
-            return "rescan"
-        if len(parts) == 1:
-            name = parts[0]
-            return {STATE_FILE: "state", PHASES_FILE: "phases", ERROR_LOG: "errorlog"}.get(
-                name, f"agent:{name}"
-            )
-        if len(parts) == 2 and parts[1] == TRANSCRIPT:
-            return f"transcript:{parts[0]}"
-        return None
-
-    def all_keys(self) -> set[str]:
-        """Every file key that may exist now, for a full rescan."""
-        keys = {"state", "phases", "errorlog"}
-        try:
-            names = [p.name for p in self.run_dir.iterdir()]
-        except OSError:
-            return keys
-        for name in names:
-            if safe_subdir(self.run_dir, name) is not None:
-                keys.add(f"transcript:{name}")
-        return keys | {f"transcript:{a}" for a in self._known_agents()}
-
-    def expand(self, keys: Iterable[str]) -> set[str]:
-        """File keys for a batch: ``rescan`` becomes every key, ``agent:<a>`` its transcript."""
-        out: set[str] = set()
-        for key in keys:
-            if key == "rescan":
+    def expand(self, changes: Iterable[Change]) -> set[FileKey]:
+        """The files of a batch: a rescan stands for every file."""
+        out: set[FileKey] = set()
+        for change in changes:
+            if change == RESCAN:
                 out |= self.all_keys()
-            elif key.startswith("agent:"):
-                out.add("transcript:" + key.removeprefix("agent:"))
-            else:
-                out.add(key)
+            elif isinstance(change, FileKey):
+                out.add(change)
         return out
 
     # -- processing -----------------------------------------------------------------------
 
-    def process(self, keys: Iterable[str]) -> Outcome:
+    def process(self, changes: Iterable[Change]) -> Outcome:
         """Handle a batch of changed files in one transaction (order: see the module docstring).
 
         Raises :class:`~agent.errors.StorageError` when the store cannot be written; then
         nothing of the batch is recorded and it can be processed again.
         """
-        keys = self.expand(keys)
+        keys = self.expand(changes)
         with self._batch("event") as b:
-            for key in sorted(k for k in keys if k.startswith("transcript:")):
+            for key in sorted(k for k in keys if k.is_transcript):
                 self._isolated(b, key, partial(self._transcript, b, key))
             if b.cost_changed:
                 self._isolated(b, "cost", partial(self._cost, b))
             # A transcript with a backlog: it was written before the phase or state change seen
             # now, so that change waits until the backlog is charged to the earlier phase.
-            waiting = keys & {"phases", "state"} if b.outcome.more else set()
+            waiting = keys & {PHASES, STATE} if b.outcome.more else set()
             b.outcome.more |= waiting
             for key, step in (
-                ("phases", self._phases),
-                ("errorlog", self._errorlog),
-                ("state", self._state),
+                (PHASES, self._phases),
+                (ERRORLOG, self._errorlog),
+                (STATE, self._state),
             ):
                 if key in keys and key not in waiting:
                     self._isolated(b, key, partial(step, b))
@@ -249,8 +211,8 @@ class Pipeline:
         Changes made while the agent was down are first read as ordinary events."""
         outcome = self.process(self.all_keys())
         with self._batch("sync") as b:
-            self._isolated(b, "state", partial(self._state, b, force=True))
-            self._isolated(b, "phases", partial(self._phases_snapshot, b))
+            self._isolated(b, STATE, partial(self._state, b, force=True))
+            self._isolated(b, PHASES, partial(self._phases_snapshot, b))
             self._isolated(b, "cost", partial(self._cost, b, force=True))
         outcome.emitted += b.outcome.emitted
         return outcome
@@ -273,24 +235,25 @@ class Pipeline:
             log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
         self._failures.clear()
 
-    def _isolated(self, b: _Batch, key: str, step: Callable[[], None]) -> None:
-        """Run one file's step under a savepoint, so that its failure spares the other files."""
-        db = self.store.db
+    def _isolated(self, b: _Batch, key: Step, step: Callable[[], None]) -> None:
+        """Run one file's step under a savepoint, so that its failure spares the other files.
+
+        A failure of the store itself is not caught: the whole batch is rolled back and retried.
+        """
         emitted, failures = len(b.tx.emitted), len(self._failures)
         problems = self._warnings.problems(key)
-        db.execute("SAVEPOINT pipeline_file")
         try:
-            step()
-        except (sqlite3.Error, StorageError):
-            raise  # the store itself failed: the whole batch is rolled back and retried
+            with b.tx.savepoint():
+                step()
+        except StorageError:
+            raise
         except Exception as exc:
-            db.execute("ROLLBACK TO pipeline_file")
-            db.execute("RELEASE pipeline_file")
             del b.tx.emitted[emitted:]
             del self._failures[failures:]
-            # Rebuilt from its saved row next time, so the rolled-back lines are read again.
-            self._transcripts.pop(key, None)
-            b.outcome.more.discard(key)
+            if isinstance(key, FileKey):
+                # Rebuilt from its saved row next time, so the rolled-back lines are read again.
+                self._transcripts.pop(key, None)
+                b.outcome.more.discard(key)
             # A step that failed did not read its file fine, whatever it got to first.
             self._warnings.restore(key, problems)
             self._warnings.warn(
@@ -302,20 +265,15 @@ class Pipeline:
                 path=self._path_of(key),
             )
             log.debug("unexpected error handling %s", key, exc_info=True)
-            return
-        db.execute("RELEASE pipeline_file")
 
-    def _path_of(self, key: str) -> str:
-        if key.startswith("transcript:"):
-            return str(self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT)
-        name = _FILES.get(key)
-        return str(self.run_dir / name) if name else str(self.store.path)
+    def _path_of(self, key: Step) -> str:
+        return str(self.layout.path(key)) if isinstance(key, FileKey) else str(self.store.path)
 
     # -- adw_state.json and completed_phases.json -----------------------------------------
 
-    def _read(self, b: _Batch, key: str, read: Callable[[Path, int], _T]) -> _T | None:
+    def _read(self, b: _Batch, key: FileKey, read: Callable[[Path, int], _T]) -> _T | None:
         """The parsed state or phases file; None when it is absent or unreadable right now."""
-        path = self.run_dir / _FILES[key]
+        path = self.layout.path(key)
         try:
             value = read(path, self.config.limits.max_state_bytes)
         except FileNotFoundError:
@@ -331,7 +289,7 @@ class Pipeline:
         self._warnings.ok(key)
         return value
 
-    def report_unreadable(self, key: str) -> None:
+    def report_unreadable(self, key: FileKey) -> None:
         """Retries for ``key`` ran out: warn once, with the path, and keep the last good state."""
         exc = self._last_read_error.get(key)
         if exc is not None:
@@ -344,11 +302,11 @@ class Pipeline:
             )
 
     def _state(self, b: _Batch, force: bool = False) -> None:
-        state = self._read(b, "state", read_state)
+        state = self._read(b, STATE, read_state)
         if state is None:
             return
         canonical = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
-        last = b.tx.get("state")
+        last = b.tx.get(STATE)
         if canonical == last and not force:
             return
         previous: dict[str, Any] = orjson.loads(last) if last else {}
@@ -358,7 +316,7 @@ class Pipeline:
             if state.get(k, _MISSING) != previous.get(k, _MISSING)
         )
         b.tx.emit("workflow_update", {**state, "changed": changed}, b.source)
-        b.tx.put("state", canonical)
+        b.tx.put(STATE, canonical)
         failed, was_failed = state.get("status") == "failed", previous.get("status") == "failed"
         if failed and not was_failed and not b.tx.get_json("failure_reported"):
             self._failure(b.tx, "state status is 'failed'", self._error_excerpt())
@@ -367,11 +325,11 @@ class Pipeline:
             b.tx.delete("failure_reported")
 
     def _phases(self, b: _Batch) -> None:
-        phases = self._read(b, "phases", read_phases)
+        phases = self._read(b, PHASES, read_phases)
         if phases is None:
             return
         now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
-        previous = b.tx.get_json("phases") or {"completed": [], "current": None}
+        previous = b.tx.get_json(PHASES) or {"completed": [], "current": None}
         if now == previous:
             return
         remaining = list(previous["completed"])
@@ -393,10 +351,10 @@ class Pipeline:
             b.tx.emit("phase_update", update, b.source)
         if not newly:
             b.tx.emit("phase_update", _phase_update(now["current"], now["completed"]), b.source)
-        b.tx.put_json("phases", now)
+        b.tx.put_json(PHASES, now)
 
     def _phases_snapshot(self, b: _Batch) -> None:
-        phases = b.tx.get_json("phases")
+        phases = b.tx.get_json(PHASES)
         if phases is not None:
             b.tx.emit(
                 "phase_update", _phase_update(phases["current"], phases["completed"]), b.source
@@ -404,10 +362,10 @@ class Pipeline:
 
     def current_phase(self, tx: Transaction) -> str | None:
         """The phase now current as last recorded: completed_phases.json, else the state's."""
-        phases = tx.get_json("phases")
+        phases = tx.get_json(PHASES)
         if phases and phases.get("current"):
             return str(phases["current"])
-        state = tx.get_json("state")
+        state = tx.get_json(STATE)
         phase = state.get("current_phase") if isinstance(state, dict) else None
         return phase if isinstance(phase, str) and phase else None
 
@@ -416,32 +374,32 @@ class Pipeline:
     def _error_excerpt(self) -> str:
         try:
             return read_tail(
-                self.run_dir / ERROR_LOG, self.config.limits.error_excerpt_bytes
+                self.layout.path(ERRORLOG), self.config.limits.error_excerpt_bytes
             ).excerpt
         except (FileNotFoundError, ReadError):
             return ""
 
     def _errorlog(self, b: _Batch) -> None:
-        path = self.run_dir / ERROR_LOG
+        path = self.layout.path(ERRORLOG)
         try:
             tail = read_tail(path, self.config.limits.error_excerpt_bytes)
         except FileNotFoundError:
-            self._warnings.ok("errorlog")
+            self._warnings.ok(ERRORLOG)
             return
         except ReadError as exc:
             self._warnings.warn(
-                "errorlog", "unreadable", "cannot read error.log: %s", exc.reason, path=exc.path
+                ERRORLOG, "unreadable", "cannot read error.log: %s", exc.reason, path=exc.path
             )
             return
-        self._warnings.ok("errorlog")
-        previous = b.tx.get_json("errorlog") or {"ino": None, "size": 0}
+        self._warnings.ok(ERRORLOG)
+        previous = b.tx.get_json(ERRORLOG) or {"ino": None, "size": 0}
         same_file = previous["ino"] == tail.ino and tail.size >= previous["size"]
         grown = tail.size > previous["size"] if same_file else tail.size > 0
         if grown:
             reason = "error.log grew" if same_file and previous["size"] else "error.log appeared"
             self._failure(b.tx, reason, tail.excerpt)
         if (previous["ino"], previous["size"]) != (tail.ino, tail.size):
-            b.tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
+            b.tx.put_json(ERRORLOG, {"ino": tail.ino, "size": tail.size})
 
     def _failure(self, tx: Transaction, reason: str, excerpt: str) -> None:
         """Queue a failure and mark it reported (when: see the module docstring)."""
@@ -454,21 +412,15 @@ class Pipeline:
 
     # -- transcripts and cost -------------------------------------------------------------
 
-    def _known_agents(self) -> list[str]:
-        rows = self.store.db.execute(
-            "SELECT key FROM files WHERE key LIKE 'transcript:%'"
-        ).fetchall()
-        return [str(r[0]).removeprefix("transcript:") for r in rows]
-
     def _transcript_warning(self, path: Path) -> Callable[[str], None]:
         def warn(message: str) -> None:
             log.warning("%s", message, extra={"path": str(path)})
 
         return warn
 
-    def _restore(self, tx: Transaction, key: str) -> _Transcript | None:
+    def _restore(self, tx: Transaction, key: FileKey) -> _Transcript | None:
         """A reader and ledger from the saved row (new ones without a row); None if frozen."""
-        path = self.run_dir / key.removeprefix("transcript:") / TRANSCRIPT
+        path = self.layout.path(key)
         warn = self._transcript_warning(path)
         try:
             saved = tx.get_json(key)
@@ -493,11 +445,11 @@ class Pipeline:
         )
         return _Transcript(reader, ledger, saved is not None)
 
-    def _transcript(self, b: _Batch, key: str) -> None:
+    def _transcript(self, b: _Batch, key: FileKey) -> None:
         if key in self._frozen:
             return
-        agent = key.removeprefix("transcript:")
-        if safe_subdir(self.run_dir, agent) is None:
+        agent = key.agent
+        if self.layout.agent_dir(agent) is None:
             # Not a real directory (gone, a file, or a symlink that could lead outside the run
             # directory): read nothing; what was counted from it stays in the store.
             if (self.run_dir / agent).is_symlink():
@@ -541,8 +493,8 @@ class Pipeline:
         """The ledger of every transcript in the store, and the agents whose one is frozen."""
         ledgers: dict[str, TranscriptLedger] = {}
         frozen: list[str] = []
-        for agent in self._known_agents():
-            key = f"transcript:{agent}"
+        for key in tx.transcripts():
+            agent = key.agent
             entry = self._transcripts.get(key)
             if entry is None and key not in self._frozen:
                 entry = self._restore(tx, key)

@@ -6,20 +6,15 @@ agent (requeueing dead letters is the one deliberate write).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sqlite3
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
-from agent.errors import StorageError
-from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
+from agent.outbox import Store, StoreView
 
 
 def cost_report(costs: list[TranscriptCost]) -> dict[str, Any]:
@@ -71,49 +66,35 @@ def print_cost_table(report: dict[str, Any]) -> None:
     )
 
 
-@contextlib.contextmanager
-def _reading(directory: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to the store; SQLite failures become :class:`StorageError`."""
-    db = Store.inspect(directory)
-    try:
-        yield db
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot read the agent store in {directory}: {exc}") from None
-    finally:
-        db.close()
-
-
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
     prices = PriceTable.from_config(config.cost)
-    with _reading(config.storage.dir) as db:
-        stats = outbox_stats(db)
+    with StoreView(config.storage.dir) as view:
+        stats = view.stats()
         transcripts: dict[str, dict[str, Any]] = {}
-        rows = db.execute("SELECT key, value FROM files WHERE key LIKE 'transcript:%' ORDER BY key")
-        for key, value in rows:
-            agent = str(key).removeprefix("transcript:")
+        for key, value in view.transcript_records():
             try:
                 saved = orjson.loads(value)
                 ledger = TranscriptLedger.load(saved["ledger"], prices)
-                transcripts[agent] = {
+                transcripts[key.agent] = {
                     "offset": int(saved["position"]["offset"]),
                     "cost": round(ledger.cost, 10),
                     "final": ledger.final,
                     "bad_lines": ledger.bad_lines,
                 }
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                transcripts[agent] = {"error": f"unreadable saved state: {exc}"}
-        cost = db.execute("SELECT value FROM files WHERE key = 'cost'").fetchone()
+                transcripts[key.agent] = {"error": f"unreadable saved state: {exc}"}
+        cost = view.record("cost")
         return {
             "adw_id": config.adw_id,
             "store": str(config.storage.dir),
             **stats,
-            "seq": read_meta(db, "seq") or 0,
-            "last_delivery": read_meta(db, "last_delivery"),
-            "heartbeat": read_meta(db, "heartbeat"),
-            "dead_letter_list": dead_letter_rows(db),
+            "seq": view.meta("seq") or 0,
+            "last_delivery": view.meta("last_delivery"),
+            "heartbeat": view.meta("heartbeat"),
+            "dead_letter_list": view.dead_letters(),
             "transcripts": transcripts,
-            "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
+            "current_cost": round(orjson.loads(cost)["reported"], 10) if cost else 0.0,
         }
 
 
@@ -149,9 +130,9 @@ def print_status(r: dict[str, Any]) -> None:
 def health(config: Config, max_stuck: float, now: float) -> str | None:
     """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
     stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
-    with _reading(config.storage.dir) as db:
-        beat = read_meta(db, "heartbeat")
-        stats = outbox_stats(db)
+    with StoreView(config.storage.dir) as view:
+        beat = view.meta("heartbeat")
+        stats = view.stats()
     allowed = 3 * config.intervals.heartbeat + 5
     if not beat or now - beat["at"] > allowed:
         age = "never" if not beat else f"{now - beat['at']:.0f}s ago"
@@ -170,8 +151,8 @@ def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict
     A running agent notices requeued events within about a second; they keep their event_id and
     seq. Requeueing is the one write these views make, through the store's own transaction.
     """
-    with _reading(config.storage.dir) as db:
-        rows = dead_letter_rows(db)
+    with StoreView(config.storage.dir) as view:
+        rows = view.dead_letters()
     if requeue is None and not requeue_all:
         return {"dead_letters": rows}
     store = Store(config.storage.dir, config.adw_id, config.storage.synchronous)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigError, StorageError
 from agent.events import COALESCIBLE
+from agent.layout import PHASES, STATE, FileKey
 from agent.outbox import (
     LOCK_NAME,
     Queued,
@@ -26,6 +27,8 @@ from agent.outbox import (
 )
 
 ADW = "55b761f6"
+
+RAW = FileKey.transcript("raw")
 
 
 def workflow(changed: list[str], **state: Any) -> dict[str, Any]:
@@ -332,7 +335,7 @@ def test_an_exception_rolls_everything_back(store: Store) -> None:
 
     def batch() -> None:
         with store.transaction() as tx:
-            tx.put_json("state", {"a": 1})
+            tx.put_json(STATE, {"a": 1})
             tx.emit("workflow_update", workflow(["b"]))  # would coalesce seq 1 away
             tx.emit("workflow_failed", failed("x"))
             raise RuntimeError("reader blew up")
@@ -341,7 +344,7 @@ def test_an_exception_rolls_everything_back(store: Store) -> None:
         batch()
     assert [(e["seq"], e["data"]["changed"]) for e in queued(store)] == [(1, ["a"])]
     with store.transaction() as tx:
-        assert tx.get("state") is None
+        assert tx.get(STATE) is None
         assert tx.emit("workflow_failed", failed("y")) == 2  # seq was not consumed
 
 
@@ -387,14 +390,14 @@ def test_depth_changes_nothing(store: Store) -> None:
 
 def test_file_state_round_trips(store: Store) -> None:
     with store.transaction() as tx:
-        tx.put_json("phases", {"completed": ["plan"]})
-        tx.put("raw", b"\x00\x01")
+        tx.put_json(PHASES, {"completed": ["plan"]})
+        tx.put(RAW, b"\x00\x01")
     with store.transaction() as tx:
-        assert tx.get_json("phases") == {"completed": ["plan"]}
-        assert tx.get("raw") == b"\x00\x01"
-        tx.delete("raw")
-        assert tx.get("raw") is None
-        assert tx.get_json("absent") is None
+        assert tx.get_json(PHASES) == {"completed": ["plan"]}
+        assert tx.get(RAW) == b"\x00\x01"
+        tx.delete(RAW)
+        assert tx.get(RAW) is None
+        assert tx.get_json(FileKey.transcript("absent")) is None
 
 
 def test_inspect_is_read_only(tmp_path: Path, store: Store) -> None:

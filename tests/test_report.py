@@ -12,6 +12,7 @@ import pytest
 from agent import config as config_module
 from agent.config import Config
 from agent.errors import StorageError
+from agent.layout import FileKey
 from agent.outbox import Queued, Store
 from agent.pipeline import Pipeline
 from agent.report import dead_letters, health, print_status, status_report
@@ -93,7 +94,7 @@ def test_status_shows_an_unreadable_transcript_state_and_goes_on(
 ) -> None:
     fill(config, store, writer)
     with store.transaction() as tx:
-        tx.put_json("transcript:broken", {"position": {}, "ledger": {"v": -1}})
+        tx.put_json(FileKey.transcript("broken"), {"position": {}, "ledger": {"v": -1}})
     report = status_report(config)
     assert "unreadable saved state" in report["transcripts"]["broken"]["error"]
     print_status(report)
