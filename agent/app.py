@@ -445,7 +445,8 @@ class Agent:
             log.debug("no outbox statistics for the direct status: %s", exc)
             data = self._status_data(state, {})
         self._direct = asyncio.create_task(
-            self.sender.send_direct("agent_status", data), name="direct-status"
+            self.sender.send_direct("agent_status", data, adw_id=self.config.adw_id),
+            name="direct-status",
         )
 
     # -- status -----------------------------------------------------------------------------

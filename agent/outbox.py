@@ -39,7 +39,11 @@ STORAGE_RETRY = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS streams (
+    adw_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL UNIQUE,
@@ -62,6 +66,20 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
+# What was read of each file, per ADW. Stores of earlier versions kept one ADW's rows in a
+# table keyed by file alone: they are moved under that ADW when first opened.
+_FILES = """
+CREATE TABLE IF NOT EXISTS files (
+    adw_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (adw_id, key)
+) WITHOUT ROWID;
+"""
+#: The owner recorded by a store that holds every ADW under a root (host mode).
+HOST_OWNER = "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Queued:
     """One event waiting in the outbox."""
@@ -81,13 +99,22 @@ def _storage_error(exc: sqlite3.Error) -> StorageError:
 class Transaction:
     """Reads and writes inside one SQLite transaction; see :meth:`Store.transaction`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, adw_id: str | None) -> None:
         self._store = store
         self._db = store.db
+        #: The ADW whose records and stream this transaction reads and writes.
+        self.adw_id = adw_id
         self.emitted: list[int] = []
 
+    def _adw(self) -> str:
+        if self.adw_id is None:
+            raise RuntimeError("a transaction for no ADW has no records and no stream")
+        return self.adw_id
+
     def get(self, key: Record) -> bytes | None:
-        row = self._db.execute("SELECT value FROM files WHERE key = ?", (str(key),)).fetchone()
+        row = self._db.execute(
+            "SELECT value FROM files WHERE adw_id = ? AND key = ?", (self._adw(), str(key))
+        ).fetchone()
         return None if row is None else bytes(row[0])
 
     def get_json(self, key: Record) -> Any:
@@ -96,20 +123,20 @@ class Transaction:
 
     def put(self, key: Record, value: bytes) -> None:
         self._db.execute(
-            "INSERT INTO files (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(key), value),
+            "INSERT INTO files (adw_id, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (adw_id, key) DO UPDATE SET value = excluded.value",
+            (self._adw(), str(key), value),
         )
 
     def put_json(self, key: Record, value: Any) -> None:
         self.put(key, orjson.dumps(value))
 
     def delete(self, key: Record) -> None:
-        self._db.execute("DELETE FROM files WHERE key = ?", (str(key),))
+        self._db.execute("DELETE FROM files WHERE adw_id = ? AND key = ?", (self._adw(), str(key)))
 
     def transcripts(self) -> list[FileKey]:
-        """Every transcript the store holds a record of, in name order."""
-        return _transcript_keys(self._db)
+        """Every transcript the store holds a record of for this ADW, in name order."""
+        return _transcript_keys(self._db, self._adw())
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -133,23 +160,28 @@ class Transaction:
 
     def emit(self, event_type: EventType, data: dict[str, Any], source: Source = "event") -> int:
         """Queue an event; returns its seq. ``data`` is validated against its model."""
+        adw_id = self._adw()
         data = check_data(event_type, data)
         if event_type in COALESCIBLE:
             data = self._coalesce(event_type, data)
-        seq = self._next_seq()
-        event = envelope(event_type, self._store.adw_id, seq, source, data)
+        epoch, seq = self._store._next_in_stream(adw_id)
+        position = self._next_position()
+        event = envelope(event_type, adw_id, seq, source, data, epoch=epoch)
         self._db.execute(
-            "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
-            (seq, event["event_id"], event_type, time.time(), orjson.dumps(event)),
+            "INSERT INTO outbox (seq, event_id, type, created, body, adw_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (position, event["event_id"], event_type, time.time(), orjson.dumps(event), adw_id),
         )
-        self.emitted.append(seq)
+        self.emitted.append(position)
         return seq
 
     def set_meta(self, key: str, value: Any) -> None:
         """Set a meta value (JSON) as part of this transaction."""
         _put_meta(self._db, key, value)
 
-    def _next_seq(self) -> int:
+    def _next_position(self) -> int:
+        """The event's place in the outbox, across every ADW (the outbox's own ``seq``; with one
+        ADW per store it equals the event's seq)."""
         seq = int(read_meta(self._db, "seq") or 0) + 1
         # Stored as JSON like every other meta value, so that read_meta() can show it.
         _put_meta(self._db, "seq", seq)
@@ -157,8 +189,9 @@ class Transaction:
 
     def _coalesce(self, event_type: EventType, data: dict[str, Any]) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
-            (event_type, self._store.sent_floor),
+            "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? AND adw_id IS ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (event_type, self._store.sent_floor, self.adw_id),
         ).fetchone()
         if row is None:
             return data
@@ -203,7 +236,11 @@ def lock_storage(directory: Path) -> int:
 class Store:
     """The SQLite database of one agent. Not thread-safe: use it from the event loop only."""
 
-    def __init__(self, directory: Path, adw_id: str, synchronous: Literal["full", "normal"]):
+    def __init__(
+        self, directory: Path, adw_id: str | None, synchronous: Literal["full", "normal"]
+    ) -> None:
+        """Open (or create) the store. ``adw_id`` is the one ADW it holds, or None for a store
+        that holds every ADW under a root (host mode)."""
         self.path = directory / DB_NAME
         self.adw_id = adw_id
         self._synchronous = synchronous.upper()
@@ -217,14 +254,16 @@ class Store:
             self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.executescript(_SCHEMA)
+            wanted = HOST_OWNER if adw_id is None else adw_id
             owner = self.meta("adw_id")
             if owner is None:
-                self.set_meta("adw_id", adw_id)
-            elif owner != adw_id:
+                self.set_meta("adw_id", wanted)
+            elif owner != wanted:
                 raise ConfigError(
-                    f"storage.dir: {directory} holds the state of ADW {owner!r}, not "
-                    f"{adw_id!r}; give each agent its own storage.dir"
+                    f"storage.dir: {directory} holds the state of {_owner(owner)}, not "
+                    f"{_owner(wanted).removeprefix('ADW ')}; give each agent its own storage.dir"
                 )
+            _migrate(self.db, wanted)
             row = self.db.execute("SELECT MAX(seq) FROM outbox").fetchone()
         except (sqlite3.Error, OSError) as exc:
             self.close()
@@ -249,10 +288,38 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
 
-    def transcripts(self) -> list[FileKey]:
-        """Every transcript the store holds a record of, in name order."""
+    def transcripts(self, adw_id: str | None = None) -> list[FileKey]:
+        """Every transcript the store holds a record of for an ADW, in name order."""
         try:
-            return _transcript_keys(self.db)
+            return _transcript_keys(self.db, adw_id or self.adw_id or "")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+
+    def _next_in_stream(self, adw_id: str) -> tuple[int, int]:
+        """The epoch of the ADW's stream and the next seq in it (inside a transaction).
+
+        A stream is created with the first event of its ADW in this store. Its epoch is the
+        time in milliseconds, and larger than any epoch this store gave before, so that a
+        receiver can tell a new stream (a lost or reset store) from an old one.
+        """
+        row = self.db.execute(
+            "SELECT epoch, seq FROM streams WHERE adw_id = ?", (adw_id,)
+        ).fetchone()
+        if row is None:
+            epoch = max(time.time_ns() // 1_000_000, int(self.meta("epoch_floor") or 0) + 1)
+            _put_meta(self.db, "epoch_floor", epoch)
+            self.db.execute(
+                "INSERT INTO streams (adw_id, epoch, seq) VALUES (?, ?, 1)", (adw_id, epoch)
+            )
+            return epoch, 1
+        epoch, seq = int(row[0]), int(row[1]) + 1
+        self.db.execute("UPDATE streams SET seq = ? WHERE adw_id = ?", (seq, adw_id))
+        return epoch, seq
+
+    def epoch(self, adw_id: str | None = None) -> int | None:
+        """The epoch of an ADW's stream, or None before its first event."""
+        try:
+            return stream_epoch(self.db, adw_id or self.adw_id or "")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
 
@@ -262,13 +329,14 @@ class Store:
         return self.db.total_changes
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """All reads and writes inside commit together or not at all."""
+    def transaction(self, adw_id: str | None = None) -> Iterator[Transaction]:
+        """All reads and writes inside commit together or not at all. The records and events
+        are those of ``adw_id`` (by default the store's one ADW)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
-        tx = Transaction(self)
+        tx = Transaction(self, adw_id or self.adw_id)
         try:
             yield tx
             self.db.execute("COMMIT")
@@ -345,11 +413,10 @@ class Store:
     def dead_letter(self, event: Queued, status: int | None, response: str) -> None:
         """Move a rejected event out of the outbox, keeping the backend's answer."""
         with self.transaction() as tx:
-            self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
             self.db.execute(
                 "INSERT OR REPLACE INTO dead_letters "
-                "(seq, event_id, type, created, failed_at, status, response, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "(seq, event_id, type, created, failed_at, status, response, body, adw_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT adw_id FROM outbox WHERE seq = ?))",
                 (
                     event.seq,
                     event.event_id,
@@ -359,8 +426,10 @@ class Store:
                     status,
                     response,
                     event.body,
+                    event.seq,
                 ),
             )
+            self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
             tx.set_meta(
                 "last_delivery",
                 {"at": time.time(), "result": f"dead-lettered ({status})", "seq": event.seq},
@@ -377,15 +446,15 @@ class Store:
         where, args = ("WHERE seq = ?", (seq,)) if seq is not None else ("", ())
         with self.transaction():
             rows = self.db.execute(
-                f"SELECT seq, event_id, type, created, body FROM dead_letters {where} "  # noqa: S608
+                f"SELECT seq, event_id, type, created, body, adw_id FROM dead_letters {where} "  # noqa: S608
                 "ORDER BY seq",
                 args,
             ).fetchall()
             for row in rows:
                 try:
                     self.db.execute(
-                        "INSERT INTO outbox (seq, event_id, type, created, body) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO outbox (seq, event_id, type, created, body, adw_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
                         row,
                     )
                 except sqlite3.IntegrityError:
@@ -404,8 +473,9 @@ class StoreView:
     """A read-only look at a store, for the operator commands: it never changes what a running
     agent sees. Every SQLite failure becomes a :class:`~agent.errors.StorageError`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, adw_id: str) -> None:
         self.directory = directory
+        self.adw_id = adw_id
         try:
             self._db = Store.inspect(directory)
         except sqlite3.Error as exc:
@@ -444,15 +514,27 @@ class StoreView:
 
     def record(self, key: Record) -> bytes | None:
         try:
-            row = self._db.execute("SELECT value FROM files WHERE key = ?", (str(key),)).fetchone()
+            row = self._db.execute(
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?", (self.adw_id, str(key))
+            ).fetchone()
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         return None if row is None else bytes(row[0])
 
+    def stream(self) -> dict[str, int] | None:
+        """The ADW's stream: its epoch and last seq; None before its first event."""
+        try:
+            row = self._db.execute(
+                "SELECT epoch, seq FROM streams WHERE adw_id = ?", (self.adw_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        return None if row is None else {"epoch": int(row[0]), "seq": int(row[1])}
+
     def transcript_records(self) -> list[tuple[FileKey, bytes]]:
         """Every transcript's saved record, in name order."""
         try:
-            keys = _transcript_keys(self._db)
+            keys = _transcript_keys(self._db, self.adw_id)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         out: list[tuple[FileKey, bytes]] = []
@@ -463,9 +545,63 @@ class StoreView:
         return out
 
 
-def _transcript_keys(db: sqlite3.Connection) -> list[FileKey]:
-    rows = db.execute("SELECT key FROM files WHERE key LIKE 'transcript:%' ORDER BY key").fetchall()
+def _transcript_keys(db: sqlite3.Connection, adw_id: str) -> list[FileKey]:
+    rows = db.execute(
+        "SELECT key FROM files WHERE adw_id = ? AND key LIKE 'transcript:%' ORDER BY key",
+        (adw_id,),
+    ).fetchall()
     return [FileKey.parse(str(row[0])) for row in rows]
+
+
+def stream_epoch(db: sqlite3.Connection, adw_id: str) -> int | None:
+    row = db.execute("SELECT epoch FROM streams WHERE adw_id = ?", (adw_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _owner(owner: str) -> str:
+    return "every ADW under a root" if owner == HOST_OWNER else f"ADW {owner!r}"
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate(db: sqlite3.Connection, owner: str) -> None:
+    """Bring a store written by an earlier version up to date, in one transaction.
+
+    Earlier stores held one ADW: their records move under it, their events are its events,
+    and its stream continues their seq (under a new epoch: the stream is new to this store).
+    """
+    files = _columns(db, "files")
+    outbox = _columns(db, "outbox")
+    dead = _columns(db, "dead_letters")
+    if files and "adw_id" in files and "adw_id" in outbox and "adw_id" in dead:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if files and "adw_id" not in files:
+            db.execute("ALTER TABLE files RENAME TO files_v1")
+            db.execute(_FILES)
+            db.execute("INSERT INTO files SELECT ?, key, value FROM files_v1", (owner,))
+            db.execute("DROP TABLE files_v1")
+        elif not files:
+            db.execute(_FILES)
+        for table, columns in (("outbox", outbox), ("dead_letters", dead)):
+            if "adw_id" not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN adw_id TEXT")
+                db.execute(f"UPDATE {table} SET adw_id = ?", (owner,))  # noqa: S608
+        seq = read_meta(db, "seq")
+        if seq and owner != HOST_OWNER:
+            epoch = time.time_ns() // 1_000_000
+            db.execute(
+                "INSERT OR IGNORE INTO streams (adw_id, epoch, seq) VALUES (?, ?, ?)",
+                (owner, epoch, int(seq)),
+            )
+            _put_meta(db, "epoch_floor", epoch)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:

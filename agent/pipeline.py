@@ -152,6 +152,7 @@ class Pipeline:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
+        self.adw_id = config.adw_id
         self.layout = RunLayout(config.adw.dir)
         self.run_dir = config.adw.dir
         self.prices = PriceTable.from_config(config.cost)
@@ -166,7 +167,7 @@ class Pipeline:
 
     def all_keys(self) -> set[FileKey]:
         """Every file that may exist now, and every transcript the store knows: a full rescan."""
-        return self.layout.present() | set(self.store.transcripts())
+        return self.layout.present() | set(self.store.transcripts(self.adw_id))
 
     def expand(self, changes: Iterable[Change]) -> set[FileKey]:
         """The files of a batch: a rescan stands for every file."""
@@ -220,7 +221,7 @@ class Pipeline:
     @contextmanager
     def _batch(self, source: Source) -> Iterator[_Batch]:
         try:
-            with self.store.transaction() as tx:
+            with self.store.transaction(self.adw_id) as tx:
                 batch = _Batch(tx, source)
                 yield batch
                 batch.outcome.emitted = len(tx.emitted)

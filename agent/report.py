@@ -69,7 +69,7 @@ def print_cost_table(report: dict[str, Any]) -> None:
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
     prices = PriceTable.from_config(config.cost)
-    with StoreView(config.storage.dir) as view:
+    with StoreView(config.storage.dir, config.adw_id) as view:
         stats = view.stats()
         transcripts: dict[str, dict[str, Any]] = {}
         for key, value in view.transcript_records():
@@ -130,7 +130,7 @@ def print_status(r: dict[str, Any]) -> None:
 def health(config: Config, max_stuck: float, now: float) -> str | None:
     """None when healthy, else the reason: no fresh heartbeat (the agent is hung, dead or was
     stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
-    with StoreView(config.storage.dir) as view:
+    with StoreView(config.storage.dir, config.adw_id) as view:
         beat = view.meta("heartbeat")
         stats = view.stats()
     allowed = 3 * config.intervals.heartbeat + 5
@@ -151,7 +151,7 @@ def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict
     A running agent notices requeued events within about a second; they keep their event_id and
     seq. Requeueing is the one write these views make, through the store's own transaction.
     """
-    with StoreView(config.storage.dir) as view:
+    with StoreView(config.storage.dir, config.adw_id) as view:
         rows = view.dead_letters()
     if requeue is None and not requeue_all:
         return {"dead_letters": rows}
