@@ -39,10 +39,9 @@ from agent.config import Config
 from agent.deliver import Sender, build_client
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.health import StoreHealth
-from agent.layout import RESCAN
 from agent.notify import Notifier
 from agent.outbox import Store, lock_storage
-from agent.run import RunUnit
+from agent.runs import Runs
 
 log = logging.getLogger("adw_agent.app")
 
@@ -94,7 +93,7 @@ class Agent:
         # Made by startup, in this order; whatever exists is closed by _close.
         self._lock: int | None = None
         self._store: Store | None = None
-        self._run: RunUnit | None = None
+        self._runs: Runs | None = None
         self.client: httpx.AsyncClient | None = None
         self._sender: Sender | None = None
         self.sender_task: asyncio.Task[None] | None = None
@@ -105,9 +104,9 @@ class Agent:
         return _started(self._store)
 
     @property
-    def run_unit(self) -> RunUnit:
-        """The run directory's unit (from startup on)."""
-        return _started(self._run)
+    def runs(self) -> Runs:
+        """The runs the agent reports on (from startup on)."""
+        return _started(self._runs)
 
     @property
     def sender(self) -> Sender:
@@ -142,14 +141,15 @@ class Agent:
         cfg = self.config
         # Before the store is opened: a second agent must not touch it at all.
         self._lock = lock_storage(cfg.storage.dir)
-        self._store = Store(cfg.storage.dir, cfg.adw_id, cfg.storage.synchronous)
-        self._run = RunUnit(cfg, self._store, health=self._health, events=self)
+        home = None if cfg.host_mode else cfg.adw_id
+        self._store = Store(cfg.storage.dir, home, cfg.storage.synchronous)
+        self._runs = Runs(cfg, self._store, health=self._health, events=self)
         self.client = build_client(cfg)
         self._sender = Sender(cfg, self._store, self.client)
-        self.run_unit.start_watching(asyncio.get_running_loop())
+        self.runs.start_watching(asyncio.get_running_loop())
         self._status("starting")
         # A full disk must not stop the agent from starting: the snapshot waits for the store.
-        self.run_unit.sync()
+        self.runs.sync()
         self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
         self.sender_task.add_done_callback(self._sender_ended)
         self.sender.wake()
@@ -163,8 +163,8 @@ class Agent:
             "agent started",
             extra={
                 "version": __version__,
-                "run_dir": str(cfg.adw.dir),
-                "watch": self.run_unit.watch.watcher.active,
+                "watching": str(cfg.watched),
+                "watch": self.runs.watch.watcher.active,
                 "backend": cfg.backend.url,
             },
         )
@@ -196,11 +196,10 @@ class Agent:
         deadline = time.monotonic() + drain
         log.info("shutting down", extra={"drain_timeout": drain})
         self.notifier.send("STOPPING=1", "STATUS=stopping")
-        if self._run is not None:
-            await self._run.watch.stop(deadline)
+        if self._runs is not None:
+            await self._runs.watch.stop(deadline)
             try:
-                if self._run.batcher.pending:
-                    self._run.process(self._run.batcher.take())
+                self._runs.flush()
                 self._status("stopping")
             except AgentError as exc:
                 log.error("could not record the last changes: %s", exc)
@@ -272,13 +271,11 @@ class Agent:
 
     def _stop(self) -> None:
         self.should_exit.set()
-        if self._run is not None:
-            self._run.batcher.interrupt()  # a wait for writes to pause ends at once
 
     def _request_reload(self) -> None:
         self._reload = True
-        if self._run is not None:
-            self._run.batcher.wake()
+        if self._runs is not None:
+            self._runs.wake()
 
     async def _apply_reload(self) -> None:
         """Re-read the config file (SIGHUP). Queued events stay queued; a config that fails
@@ -314,7 +311,7 @@ class Agent:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{new.source}: backend.ca_bundle: {exc}") from None
         try:
-            replacement = self.run_unit.watch.prepare(old, new)
+            replacement = self.runs.watch.prepare(old, new)
         except ConfigError:
             await client.aclose()
             raise
@@ -322,12 +319,12 @@ class Agent:
         self._retire(self.sender.replace_client(new, client), old)
         self.client = client
         self.config = new
-        self.run_unit.reconfigure(new)
+        self.runs.reconfigure(new)
         self._reschedule(old, new)
         if replacement is not None:
-            await self.run_unit.watch.swap(replacement)
+            await self.runs.watch.swap(replacement)
             if replacement.running:
-                self.run_unit.process({RESCAN})  # what changed between the two watchers
+                self.runs.rescan()  # what changed between the two watchers
         if new.log.level != old.log.level:
             logging.getLogger("adw_agent").setLevel(new.log.level.upper())
         # A new backend or token deserves a fresh attempt; anything queued goes there.
@@ -359,7 +356,7 @@ class Agent:
 
     def _next_deadline(self) -> float:
         t = self._timers
-        deadlines = [t.heartbeat, t.resync, t.outbox, self.run_unit.next_deadline()]
+        deadlines = [t.heartbeat, t.resync, t.outbox, self.runs.next_deadline()]
         if self._health.retry_due is not None:
             deadlines.append(self._health.retry_due)
         if self.notifier.watchdog_interval is not None:
@@ -368,7 +365,7 @@ class Agent:
 
     async def _wait(self, deadline: float) -> None:
         timeout = max(0.0, deadline - time.monotonic())
-        changed = self.run_unit.batcher.changed
+        changed = self.runs.changed
         if changed.is_set():
             return
         waiters = [
@@ -382,22 +379,23 @@ class Agent:
     async def _tick(self) -> None:
         if self._reload:
             await self._apply_reload()
-        run = self.run_unit
-        if self._health.due(time.monotonic()):
+        runs = self.runs
+        now = time.monotonic()
+        if self._health.due(now):
             # Pending changes are the first write that tries it; else a status, below.
             log.debug("trying the store again")
-        await run.step(self.should_exit)
+        runs.step(now)
         now = time.monotonic()
         t = self._timers
         if self._health.due(now):
             # Only a real write proves the store is back: try to queue a status.
             self._status("running", direct=False)
-        run.retry_due(now)
-        if run.rescan_due(now):
-            await run.reconcile(now)
+            runs.step(now)
+        if runs.rescan_due(now):
+            await runs.reconcile(now)
         if now >= t.resync:
             t.resync = now + self.config.intervals.resync
-            run.sync()
+            runs.sync()
         if now >= t.heartbeat:
             t.heartbeat = now + self.config.intervals.heartbeat
             self._status("running")
@@ -406,7 +404,7 @@ class Agent:
             self.sender.wake()
         if self.notifier.watchdog_interval is not None and now >= t.watchdog:
             t.watchdog = now + self.notifier.watchdog_interval
-            watching = run.watch.healthy()
+            watching = runs.watch.healthy()
             if watching and self.sender_task is not None and not self.sender_task.done():
                 self.notifier.send("WATCHDOG=1", self._status_line())
             else:
@@ -427,8 +425,9 @@ class Agent:
     def store_ok(self) -> None:
         if self._health.recovered():
             log.warning("the store is writable again")
-            if self.run_unit.sync_pending:
-                self.run_unit.sync()
+            for unit in list(self.runs.units.values()):
+                if unit.sync_pending:
+                    unit.sync()
             self._status("running")  # tells the backend it is over
 
     def queued(self) -> None:
@@ -470,7 +469,7 @@ class Agent:
         stats = self.store.stats()
         data = self._status_data(state, stats)
         try:
-            with self.store.transaction() as tx:
+            with self.store.transaction(self.config.adw_id) as tx:
                 tx.emit("agent_status", data, "event")
                 # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
                 # stop. In the same transaction: the two must never disagree.
@@ -497,7 +496,7 @@ class Agent:
         except Exception:
             backlog = "outbox depth unknown (store unreadable)"
         if state is None:
-            paused = self._run is not None and self._run.watch.paused
+            paused = self._runs is not None and self._runs.paused
             state = "waiting for the run directory" if paused else "running"
         line = f"STATUS={state}: {self.config.adw_id}, {backlog}"
         if self._health.error:

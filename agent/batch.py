@@ -10,7 +10,6 @@ already: when every pending file is, the batch is handed out at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 
@@ -21,17 +20,27 @@ _MAX_WINDOWS = 20
 
 
 class ChangeBatcher:
-    """Collects changes (from any thread) and hands them to the event loop in batches."""
+    """Collects the changes of one run directory and says when they make a batch.
 
-    def __init__(self, *, quiet: float, classify: Callable[[str], Change | None]) -> None:
+    Runs on the event loop; :meth:`notice` is the entry for other threads. Several batchers
+    may share one ``changed`` event, so that one main loop waits for all of them.
+    """
+
+    def __init__(
+        self,
+        *,
+        quiet: float,
+        classify: Callable[[str], Change | None],
+        changed: asyncio.Event | None = None,
+    ) -> None:
         self.quiet = quiet
         self._classify = classify
         self._pending: set[Change] = set()
         # Pending changes whose last event was their writer closing the file.
         self._closed: set[Change] = set()
-        #: Set when there is something to do: pending changes, or a wake-up (a reload).
-        self.changed = asyncio.Event()
-        self._noted = asyncio.Event()
+        #: Set when there may be something to do: changes noted, or a wake-up (a reload).
+        self.changed = changed if changed is not None else asyncio.Event()
+        self._first_change = 0.0
         self._last_change = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -50,20 +59,25 @@ class ChangeBatcher:
         change = self._classify(path)
         if change is None:
             return
+        now = time.monotonic()
+        if not self._pending:
+            self._first_change = now
         self._pending.add(change)
         if closed:
             self._closed.add(change)
         else:
             self._closed.discard(change)
-        self._last_change = time.monotonic()
+        self._last_change = now
         self.changed.set()
-        self._noted.set()
 
     def add(self, changes: Iterable[Change], *, wake: bool) -> None:
         """Changes taken before that could not be finished, for a later batch: a backlog
         (``wake``: read on at once), or a store that failed (read when it is tried again; waking
-        now would only fail again)."""
+        now would only fail again). They wait for no quiet window."""
+        if not self._pending:
+            self._first_change = time.monotonic()
         self._pending.update(changes)
+        self._closed.update(changes)
         if wake:
             self.changed.set()
 
@@ -71,32 +85,24 @@ class ChangeBatcher:
         """Let the main loop run now, with or without changes."""
         self.changed.set()
 
-    def interrupt(self) -> None:
-        """End a wait for writes to pause at once (the agent is stopping)."""
-        self._noted.set()
-
     @property
     def pending(self) -> bool:
         return bool(self._pending)
 
-    async def settle(self, stop: asyncio.Event) -> None:
-        """Wait until changes pause for the quiet window (at most twenty windows), or until
-        every pending file was closed by its writer, or ``stop`` is set."""
-        if self.quiet <= 0:
-            return
-        give_up = time.monotonic() + self.quiet * _MAX_WINDOWS
-        while not self._pending <= self._closed and not stop.is_set():
-            quiet_at = self._last_change + self.quiet
-            now = time.monotonic()
-            if now >= quiet_at or now >= give_up:
-                return
-            self._noted.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._noted.wait(), min(quiet_at, give_up) - now)
+    def holds(self, change: Change) -> bool:
+        """Whether ``change`` is pending (its batch is still to come)."""
+        return change in self._pending
+
+    def ready_at(self) -> float:
+        """When the pending changes make a batch (monotonic clock): once writes paused for the
+        quiet window, at most twenty windows after the first change, and at once when every
+        pending file was closed by its writer."""
+        if self.quiet <= 0 or self._pending <= self._closed:
+            return 0.0
+        return min(self._last_change + self.quiet, self._first_change + self.quiet * _MAX_WINDOWS)
 
     def take(self) -> set[Change]:
         """Every pending change; the batcher starts empty again."""
         changes, self._pending = self._pending, set()
         self._closed.clear()
-        self.changed.clear()
         return changes

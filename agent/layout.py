@@ -1,8 +1,9 @@
 """The run directory's layout: which files the agent reads, and the typed keys that name them.
 
 A run directory holds ``adw_state.json``, ``completed_phases.json``, ``error.log`` and one folder
-per agent with its ``raw_output.jsonl`` transcript. Everything else in it is ignored, and no
-file is ever read through a symbolic link. :class:`RunLayout` is the one place that maps a
+per agent with its ``raw_output.jsonl`` transcript. Everything else in it is ignored, hidden
+folders (``.gh-config/`` holds a GitHub token) are never looked into, and no file is ever read
+through a symbolic link. :class:`RunLayout` is the one place that maps a
 changed path to the file it belongs to and a file back to its path; the rest of the agent
 speaks in :class:`FileKey` values.
 """
@@ -87,6 +88,8 @@ class RunLayout:
             return RESCAN if Path(path) in self.run_dir.parents else None
         if not parts:
             return RESCAN
+        if parts[0].startswith("."):
+            return None  # hidden: .gh-config/ holds a GitHub token, and no agent is hidden
         if len(parts) == 1:
             kind = _TOP_FILES.get(parts[0])
             return FileKey(kind) if kind is not None else FileKey.transcript(parts[0])
@@ -111,7 +114,7 @@ class RunLayout:
         except OSError:
             return keys
         for name in names:
-            if self.agent_dir(name) is not None:
+            if not name.startswith(".") and self.agent_dir(name) is not None:
                 keys.add(FileKey.transcript(name))
         return keys
 

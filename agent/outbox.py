@@ -371,12 +371,29 @@ class Store:
         self.sent_floor = max(self.sent_floor, row[0])
         return Queued(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
 
-    def depth(self) -> int:
-        """How many events are queued. Unlike :meth:`head`, this changes nothing."""
+    def depth(self, adw_id: str | None = None) -> int:
+        """How many events are queued (of one ADW, or in all). Unlike :meth:`head`, this
+        changes nothing."""
         try:
-            return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            if adw_id is None:
+                row = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            else:
+                row = self.db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE adw_id = ?", (adw_id,)
+                ).fetchone()
+            return int(row[0])
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
+
+    def record(self, adw_id: str, key: Record) -> Any:
+        """A record of one ADW (JSON), outside any transaction; None if there is none."""
+        try:
+            row = self.db.execute(
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?", (adw_id, str(key))
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+        return None if row is None else orjson.loads(row[0])
 
     def ack(self, seq: int) -> None:
         """The backend accepted the event: it leaves the outbox.

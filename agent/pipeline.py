@@ -92,6 +92,8 @@ class _Batch:
     source: Source
     outcome: Outcome = field(default_factory=Outcome)
     cost_changed: bool = False
+    #: Transcript bytes this batch may still read (None: no bound over the batch).
+    budget: int | None = None
 
 
 class _Warnings:
@@ -146,15 +148,28 @@ def _phase_update(
     }
 
 
+def run_ended(store: Store, adw_id: str) -> bool:
+    """Whether the run's workflow has ended, as last recorded: an ``end_time`` in its state, or
+    a failure reported."""
+    if store.record(adw_id, "failure_reported"):
+        return True
+    state = store.record(adw_id, STATE)
+    return isinstance(state, dict) and bool(state.get("end_time"))
+
+
 class Pipeline:
     """Reads the files of one run directory and queues the events their changes mean."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, *, read_budget: int | None = None) -> None:
         self.config = config
         self.store = store
         self.adw_id = config.adw_id
-        self.layout = RunLayout(config.adw.dir)
-        self.run_dir = config.adw.dir
+        self.run_dir = config.run_dir
+        self.layout = RunLayout(self.run_dir)
+        #: Bytes of transcript read per batch at most, over all of this run's transcripts
+        #: (None: the module's default, per transcript). Host mode bounds it per run, so that
+        #: one run's backlog delays the others by one bounded batch at most.
+        self.read_budget = read_budget
         self.prices = PriceTable.from_config(config.cost)
         self._transcripts: dict[FileKey, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
@@ -222,7 +237,7 @@ class Pipeline:
     def _batch(self, source: Source) -> Iterator[_Batch]:
         try:
             with self.store.transaction(self.adw_id) as tx:
-                batch = _Batch(tx, source)
+                batch = _Batch(tx, source, budget=self.read_budget)
                 yield batch
                 batch.outcome.emitted = len(tx.emitted)
         except BaseException:
@@ -464,8 +479,11 @@ class Pipeline:
         entry = self._transcripts.get(key) or self._restore(b.tx, key)
         if entry is None:
             return
+        if b.budget is not None and b.budget <= 0:
+            b.outcome.more.add(key)  # this run's share of the batch is used up: next batch
+            return
         try:
-            chunk = entry.reader.read(_READ_BUDGET)
+            chunk = entry.reader.read(_READ_BUDGET if b.budget is None else b.budget)
         except FileNotFoundError:
             # A directory without a transcript (screenshots/, say) is no agent: nothing is kept
             # for it until a transcript appears.
@@ -479,6 +497,8 @@ class Pipeline:
             return
         self._warnings.ok(key)
         self._transcripts[key] = entry
+        if b.budget is not None:
+            b.budget -= sum(map(len, chunk.lines))
         changed, _ = entry.ledger.feed_chunk(chunk)
         # A transcript seen for the first time is news even when empty: an agent has started,
         # so the run's cost is no longer final.

@@ -1,16 +1,15 @@
 """One run directory inside the agent: watch → batch → read → account → outbox for that run.
 
 A :class:`RunUnit` holds what belongs to one run: its layout and pipeline (with the cost
-ledgers), the batcher its watcher feeds, the watcher, the retries of files that could not be
-read yet, and when to look at the whole directory again. The store, the sender and the store's
-health are the process's (see :mod:`agent.app`); the unit tells the process through
-:class:`RunEvents` when the store failed or recovered and when it queued events.
+ledgers), the batcher that collects its changes, and the retries of files that could not be
+read yet. The watcher, the store, the sender and the store's health are the process's (see
+:mod:`agent.runs` and :mod:`agent.app`); the unit tells the process through :class:`RunEvents`
+when the store failed or recovered and when it queued events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -25,12 +24,8 @@ from agent.health import StoreHealth
 from agent.layout import RESCAN, Change, FileKey
 from agent.outbox import Store
 from agent.pipeline import Outcome, Pipeline
-from agent.watch import RunWatch
 
 log = logging.getLogger("adw_agent.run")
-
-#: How often a run directory that is gone (or cannot be watched) is looked for.
-MISSING_DIR_POLL = 1.0
 
 
 class RunEvents(Protocol):
@@ -50,75 +45,75 @@ class _Retry:
 
 
 class RunUnit:
-    """The agent's part for one run directory."""
+    """The agent's part for one run directory: its pipeline, batches and retries."""
 
     def __init__(
-        self, config: Config, store: Store, *, health: StoreHealth, events: RunEvents
+        self,
+        config: Config,
+        store: Store,
+        *,
+        health: StoreHealth,
+        events: RunEvents,
+        changed: asyncio.Event,
+        read_budget: int | None = None,
     ) -> None:
         self.config = config
-        self.pipeline = Pipeline(config, store)
+        self.adw_id = config.adw_id
+        self.pipeline = Pipeline(config, store, read_budget=read_budget)
         self.batcher = ChangeBatcher(
-            quiet=config.watch.debounce_ms / 1000, classify=self.pipeline.layout.classify
-        )
-        self.watch = RunWatch(
-            config, self.batcher.notice, functools.partial(self.batcher.notice, closed=True)
+            quiet=config.watch.debounce_ms / 1000,
+            classify=self.pipeline.layout.classify,
+            changed=changed,
         )
         self.retries: dict[FileKey, _Retry] = {}
         #: Whether the startup snapshot still has to be queued (the store could not be written).
         self.sync_pending = False
-        self.rescan_at = time.monotonic() + config.watch.rescan_interval
         self._store = store
         self._health = health
         self._events = events
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration (the run directory itself never changes)."""
-        if config.watch.rescan_interval != self.config.watch.rescan_interval:
-            self.rescan_at = time.monotonic() + config.watch.rescan_interval
         self.config = config
         self.pipeline.config = config
         self.batcher.quiet = config.watch.debounce_ms / 1000
 
-    def start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start watching. Before the first snapshot (:meth:`sync`), so that no change can
-        slip between the two."""
-        self.batcher.bind(loop)
-        if not self.watch.start():
-            self.rescan_at = time.monotonic() + MISSING_DIR_POLL
-
     # -- batches ----------------------------------------------------------------------------
 
-    async def step(self, stop: asyncio.Event) -> None:
-        """Handle the pending changes once their writes paused, if there are any."""
+    def ready_at(self) -> float:
+        """When this run has work: its batch, or a retry (inf when it has none)."""
+        deadlines = [
+            self._health.not_before(r.due)
+            for key, r in self.retries.items()
+            if not self.batcher.holds(key)
+        ]
         if self.batcher.pending:
-            await self.batcher.settle(stop)
-            self.process(self.batcher.take())
-        else:
-            self.batcher.changed.clear()
+            deadlines.append(self._health.not_before(self.batcher.ready_at()))
+        return min(deadlines, default=float("inf"))
 
-    def retry_due(self, now: float) -> None:
-        """Read again the files whose retry is due."""
-        due = {key for key, r in self.retries.items() if self._health.not_before(r.due) <= now}
+    def step(self, now: float) -> None:
+        """Handle the pending batch if it is ready, then the retries that are due."""
+        if self.batcher.pending and self._health.not_before(self.batcher.ready_at()) <= now:
+            self.process(self.batcher.take())
+        # A file that is still being written is read with its batch, once the writes pause:
+        # retrying it meanwhile would only use up its retries on a write in progress.
+        due = {
+            key
+            for key, r in self.retries.items()
+            if self._health.not_before(r.due) <= now and not self.batcher.holds(key)
+        }
         if due:
             self.process(due)
 
-    async def reconcile(self, now: float) -> None:
-        """Look at the whole directory again: what inotify missed, and a watcher to heal."""
-        self.rescan_at = now + self.config.watch.rescan_interval
-        found = await self.watch.reconcile()
-        if found != "watching":
-            self.rescan_at = time.monotonic() + MISSING_DIR_POLL
-        if found != "gone":
-            self.process({RESCAN})
+    def flush(self) -> None:
+        """Handle whatever is pending now, ready or not (the agent is stopping)."""
+        if self.batcher.pending:
+            self.process(self.batcher.take())
 
-    def next_deadline(self) -> float:
-        deadlines = [self.rescan_at]
-        deadlines += [self._health.not_before(r.due) for r in self.retries.values()]
-        return min(deadlines)
-
-    def rescan_due(self, now: float) -> bool:
-        # A watcher that stopped by itself (its directory was deleted) is healed at once.
-        return now >= self.rescan_at or not self.watch.healthy()
+    @property
+    def idle(self) -> bool:
+        """Nothing pending and nothing to retry."""
+        return not self.batcher.pending and not self.retries and not self.sync_pending
 
     def process(self, changes: Iterable[Change]) -> None:
         changes = set(changes)
@@ -132,7 +127,7 @@ class RunUnit:
         except StorageError as exc:
             log.debug(
                 "batch not recorded: the store cannot be written",
-                extra={"keys": sorted(map(str, changes))},
+                extra={"keys": sorted(map(str, changes)), "adw_id": self.adw_id},
             )
             self.batcher.add(changes, wake=False)
             self._events.store_failed(exc)

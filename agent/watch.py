@@ -220,7 +220,7 @@ class RunWatch:
     def __init__(
         self, config: Config, on_change: Callable[[str], None], on_closed: Callable[[str], None]
     ) -> None:
-        self.run_dir = config.adw.dir
+        self.run_dir = config.watched
         self._on_change = on_change
         self._on_closed = on_closed
         self.watcher = self._new(config)
@@ -232,7 +232,7 @@ class RunWatch:
 
     def _new(self, config: Config) -> Watcher:
         return Watcher(
-            config.adw.dir,
+            config.watched,
             config.watch.mode,
             config.watch.poll_interval,
             self._on_change,
@@ -297,10 +297,10 @@ class RunWatch:
         ino = self._ino
         if running:
             try:
-                ino = os.stat(new.adw.dir).st_ino
+                ino = os.stat(new.watched).st_ino
                 watcher.start()
             except OSError as exc:
-                raise ConfigError(_failure(new.watch.mode, new.adw.dir, exc)) from None
+                raise ConfigError(_failure(new.watch.mode, new.watched, exc)) from None
         return Replacement(watcher, ino, running)
 
     async def swap(self, new: Replacement) -> None:

@@ -1,0 +1,201 @@
+"""The runs one process reports on: one run directory, or every run directory under a root.
+
+One watcher covers them all (one inotify instance, recursive on the watched directory); each
+changed path goes to the batcher of its run. The runs are handled in turn, and in host mode each
+run reads a bounded number of transcript bytes per batch, so that a run with a huge backlog or
+a hostile file delays the others by one bounded batch at most.
+
+Host mode: a run directory that appears is picked up at once. A run whose workflow has ended
+(an ``end_time`` in its state, or a reported failure) and whose events are all delivered is
+retired: its reader and ledgers are dropped (the kernel's watches on its folders stay, as they
+belong to the one recursive watch). It is picked up again when its files change. A run directory
+that was deleted is forgotten once its events are delivered. What stays in memory per past run
+is its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from agent.config import Config
+from agent.discover import RunDirs
+from agent.health import StoreHealth
+from agent.layout import RESCAN
+from agent.outbox import Store
+from agent.pipeline import run_ended
+from agent.run import RunEvents, RunUnit
+from agent.watch import RunWatch
+
+log = logging.getLogger("adw_agent.runs")
+
+#: How often a watched directory that is gone (or cannot be watched) is looked for.
+MISSING_DIR_POLL = 1.0
+#: Transcript bytes one run reads per batch in host mode.
+HOST_READ_BUDGET = 1 << 20
+
+
+class Runs:
+    """Every run of the process, the one watcher that feeds them, and their turns."""
+
+    def __init__(
+        self, config: Config, store: Store, *, health: StoreHealth, events: RunEvents
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._health = health
+        self._events = events
+        #: Set whenever any run may have work (shared by every run's batcher).
+        self.changed = asyncio.Event()
+        self.units: dict[str, RunUnit] = {}
+        #: Host mode: run directories whose runs ended and were delivered.
+        self.retired: set[str] = set()
+        self._dirs = RunDirs(config.adw.root) if config.adw.root is not None else None
+        self.watch = RunWatch(config, self._notice, functools.partial(self._notice, closed=True))
+        self.rescan_at = time.monotonic() + config.watch.rescan_interval
+        self._turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- startup ----------------------------------------------------------------------------
+
+    def start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching. Before the first snapshot (:meth:`sync`), so that no change can
+        slip between the two."""
+        self._loop = loop
+        if not self.watch.start():
+            self.rescan_at = time.monotonic() + MISSING_DIR_POLL
+
+    def sync(self) -> None:
+        """Queue the full picture of every run that has not ended and been delivered."""
+        if self._dirs is None:
+            unit = self.units.get(self.config.adw_id) or self._open(self.config)
+            unit.sync()
+            return
+        for adw_id in self._dirs.scan():
+            if adw_id in self.units:
+                self.units[adw_id].sync()
+            elif adw_id not in self.retired:
+                if self._finished(adw_id):
+                    self.retired.add(adw_id)
+                else:
+                    self._open(self.config.for_run(self._dirs.path(adw_id))).sync()
+
+    def _open(self, config: Config) -> RunUnit:
+        unit = RunUnit(
+            config,
+            self._store,
+            health=self._health,
+            events=self._events,
+            changed=self.changed,
+            read_budget=HOST_READ_BUDGET if self._dirs is not None else None,
+        )
+        self.units[unit.adw_id] = unit
+        self.retired.discard(unit.adw_id)
+        return unit
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def _notice(self, path: str, closed: bool = False) -> None:
+        """On the watcher's thread: hand the path to the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._route, path, closed)
+
+    def _route(self, path: str, closed: bool) -> None:
+        if self._dirs is None:
+            unit = self.units.get(self.config.adw_id)
+            if unit is not None:
+                unit.batcher.note(path, closed)
+            return
+        adw_id = self._dirs.run_of(path)
+        if adw_id is None:
+            return  # the root itself, or something under it that is not a run
+        unit = self.units.get(adw_id)
+        if unit is None:
+            if not self._dirs.exists(adw_id):
+                return
+            # A new run, or a retired one whose files changed: its whole directory is read.
+            unit = self._open(self.config.for_run(self._dirs.path(adw_id)))
+            unit.batcher.add({RESCAN}, wake=True)
+        unit.batcher.note(path, closed)
+
+    def reconfigure(self, config: Config) -> None:
+        if config.watch.rescan_interval != self.config.watch.rescan_interval:
+            self.rescan_at = time.monotonic() + config.watch.rescan_interval
+        self.config = config
+        for unit in self.units.values():
+            unit.reconfigure(config if self._dirs is None else config.for_run(unit.config.run_dir))
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        return min([self.rescan_at, *(unit.ready_at() for unit in self.units.values())])
+
+    def step(self, now: float) -> None:
+        """Give every run with work its turn: one batch each, starting one further each time."""
+        self.changed.clear()
+        units = list(self.units.values())
+        if not units:
+            return
+        self._turn = (self._turn + 1) % len(units)
+        for unit in units[self._turn :] + units[: self._turn]:
+            unit.step(now)
+
+    def flush(self) -> None:
+        """Handle whatever is pending now (the agent is stopping)."""
+        for unit in list(self.units.values()):
+            unit.flush()
+
+    def rescan_due(self, now: float) -> bool:
+        # A watcher that stopped by itself (its directory was deleted) is healed at once.
+        return now >= self.rescan_at or not self.watch.healthy()
+
+    async def reconcile(self, now: float) -> None:
+        """Look at everything again: what inotify missed, runs that ended, a watcher to heal."""
+        self.rescan_at = now + self.config.watch.rescan_interval
+        found = await self.watch.reconcile()
+        if found != "watching":
+            self.rescan_at = time.monotonic() + MISSING_DIR_POLL
+        if found == "gone":
+            return
+        self.rescan()
+        self.retire()
+
+    def rescan(self) -> None:
+        """Read every run again, and pick up run directories the watcher missed."""
+        if self._dirs is not None:
+            for adw_id in self._dirs.scan():
+                if adw_id not in self.units and adw_id not in self.retired:
+                    self._open(self.config.for_run(self._dirs.path(adw_id)))
+        for unit in list(self.units.values()):
+            unit.process({RESCAN})
+
+    def retire(self) -> None:
+        """Host mode: drop the runs that ended and were delivered; forget deleted ones."""
+        if self._dirs is None:
+            return
+        for adw_id, unit in list(self.units.items()):
+            if unit.idle and self._finished(adw_id):
+                del self.units[adw_id]
+                if self._dirs.exists(adw_id):
+                    self.retired.add(adw_id)
+                    log.debug("run retired", extra={"adw_id": adw_id})
+        self.retired = {adw_id for adw_id in self.retired if self._dirs.exists(adw_id)}
+
+    def _finished(self, adw_id: str) -> bool:
+        """Ended as recorded in the store, and nothing of it left to deliver; or its directory
+        is gone and nothing of it is left to deliver."""
+        if self._dirs is None or self._store.depth(adw_id) > 0:
+            return False
+        return not self._dirs.exists(adw_id) or run_ended(self._store, adw_id)
+
+    # -- for status and the watchdog --------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self.watch.paused
