@@ -173,8 +173,8 @@ def _print_dead(result: dict[str, Any]) -> None:
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["failed_at"]))
         print(
-            f"seq {row['seq']:<6} {row['type']:<16} {row['status']}  {when}Z  "
-            f"{row['response'][:80]}"
+            f"seq {row['seq']:<6} {row['adw_id']:<14} {row['type']:<16} {row['status']}  "
+            f"{when}Z  {row['response'][:80]}"
         )
 
 

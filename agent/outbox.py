@@ -529,14 +529,53 @@ class StoreView:
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
-    def record(self, key: Record) -> bytes | None:
+    def record(self, key: Record, *, adw_id: str | None = None) -> bytes | None:
         try:
             row = self._db.execute(
-                "SELECT value FROM files WHERE adw_id = ? AND key = ?", (self.adw_id, str(key))
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?",
+                (adw_id or self.adw_id, str(key)),
             ).fetchone()
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         return None if row is None else bytes(row[0])
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """Per ADW: its stream (epoch, last seq), queued events, the age of the oldest, and
+        dead letters. Every ADW with a stream, queued events or dead letters is listed."""
+        now = time.time()
+        try:
+            streams = self._db.execute("SELECT adw_id, epoch, seq FROM streams").fetchall()
+            queued = self._db.execute(
+                "SELECT adw_id, COUNT(*), MIN(created) FROM outbox GROUP BY adw_id"
+            ).fetchall()
+            dead = self._db.execute(
+                "SELECT adw_id, COUNT(*) FROM dead_letters GROUP BY adw_id"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        runs: dict[str, dict[str, Any]] = {}
+
+        def run(adw_id: str | None) -> dict[str, Any]:
+            return runs.setdefault(
+                str(adw_id),
+                {
+                    "epoch": None,
+                    "seq": 0,
+                    "outbox_depth": 0,
+                    "oldest_undelivered_age": None,
+                    "dead_letters": 0,
+                },
+            )
+
+        for adw_id, epoch, seq in streams:
+            run(adw_id).update(epoch=int(epoch), seq=int(seq))
+        for adw_id, count, oldest in queued:
+            run(adw_id).update(
+                outbox_depth=int(count), oldest_undelivered_age=round(now - float(oldest), 3)
+            )
+        for adw_id, count in dead:
+            run(adw_id)["dead_letters"] = int(count)
+        return dict(sorted(runs.items()))
 
     def stream(self) -> dict[str, int] | None:
         """The ADW's stream: its epoch and last seq; None before its first event."""
@@ -637,9 +676,10 @@ def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:
 
 def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
     rows = db.execute(
-        "SELECT seq, event_id, type, failed_at, status, response FROM dead_letters ORDER BY seq"
+        "SELECT seq, adw_id, event_id, type, failed_at, status, response FROM dead_letters "
+        "ORDER BY seq"
     ).fetchall()
-    keys = ("seq", "event_id", "type", "failed_at", "status", "response")
+    keys = ("seq", "adw_id", "event_id", "type", "failed_at", "status", "response")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 

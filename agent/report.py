@@ -85,10 +85,16 @@ def status_report(config: Config) -> dict[str, Any]:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 transcripts[key.agent] = {"error": f"unreadable saved state: {exc}"}
         cost = view.record("cost")
+        runs = view.runs()
+        for adw_id, run in runs.items():
+            reported = view.record("cost", adw_id=adw_id)
+            run["current_cost"] = round(orjson.loads(reported)["reported"], 10) if reported else 0.0
         return {
             "adw_id": config.adw_id,
+            "mode": "host" if config.host_mode else "run",
             "store": str(config.storage.dir),
             **stats,
+            "runs": runs,
             "seq": view.meta("seq") or 0,
             "last_delivery": view.meta("last_delivery"),
             "heartbeat": view.meta("heartbeat"),
@@ -118,6 +124,17 @@ def print_status(r: dict[str, Any]) -> None:
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
         print(f"  seq {row['seq']} {row['type']} -> {row['status']}: {row['response'][:60]}")
+    if r["mode"] == "host":
+        print(f"runs          {len(r['runs'])}")
+        for adw_id, run in r["runs"].items():
+            age = run["oldest_undelivered_age"]
+            oldest = f", oldest {age:.1f}s" if age is not None else ""
+            print(
+                f"  {adw_id:<14} seq {run['seq']:>6}  epoch {run['epoch']}  "
+                f"outbox {run['outbox_depth']}{oldest}  dead letters {run['dead_letters']}  "
+                f"${run['current_cost']:.6f}"
+            )
+        return
     print(f"current cost  ${r['current_cost']:.6f}")
     for agent, t in sorted(r["transcripts"].items()):
         if "error" in t:
@@ -132,16 +149,22 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
     stopped), or the oldest undelivered event has waited longer than ``max_stuck`` seconds."""
     with StoreView(config.storage.dir, config.adw_id) as view:
         beat = view.meta("heartbeat")
-        stats = view.stats()
+        runs = view.runs()
     allowed = 3 * config.intervals.heartbeat + 5
     if not beat or now - beat["at"] > allowed:
         age = "never" if not beat else f"{now - beat['at']:.0f}s ago"
         return f"no heartbeat within {allowed:.0f}s (last {age})"
     if beat.get("state") == "stopping":
         return f"the agent stopped {now - beat['at']:.0f}s ago"
-    age = stats["oldest_undelivered_age"]
-    if age is not None and age > max_stuck:
-        return f"delivery stuck: oldest undelivered event is {age:.0f}s old"
+    stuck = sorted(
+        (run["oldest_undelivered_age"], adw_id)
+        for adw_id, run in runs.items()
+        if run["oldest_undelivered_age"] is not None and run["oldest_undelivered_age"] > max_stuck
+    )
+    if stuck:
+        age, adw_id = stuck[-1]
+        others = f" and {len(stuck) - 1} other runs" if len(stuck) > 1 else ""
+        return f"delivery stuck: oldest undelivered event is {age:.0f}s old (ADW {adw_id}{others})"
     return None
 
 
@@ -155,7 +178,8 @@ def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict
         rows = view.dead_letters()
     if requeue is None and not requeue_all:
         return {"dead_letters": rows}
-    store = Store(config.storage.dir, config.adw_id, config.storage.synchronous)
+    home = None if config.host_mode else config.adw_id
+    store = Store(config.storage.dir, home, config.storage.synchronous)
     try:
         return {"requeued": store.requeue(None if requeue_all else requeue)}
     finally:

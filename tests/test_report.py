@@ -173,3 +173,58 @@ def test_dead_letters_never_creates_a_store(config: Config) -> None:
     with pytest.raises(StorageError):
         dead_letters(config, None, True)
     assert not (config.storage.dir / "agent.sqlite3").exists()
+
+
+# -- host mode: per run and in total -----------------------------------------------------------
+
+
+@pytest.fixture
+def host_config(tmp_path: Path) -> Config:
+    root = tmp_path / "agents"
+    root.mkdir()
+    path = tmp_path / "host.toml"
+    path.write_text(
+        f'[adw]\nroot = "{root}"\n[backend]\nurl = "http://127.0.0.1:9"\n'
+        f'[storage]\ndir = "{tmp_path / "host-storage"}"\n[intervals]\nheartbeat = 10.0\n'
+    )
+    return config_module.load(path, environ={})
+
+
+def test_host_status_health_and_dead_letters_per_run(
+    host_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(host_config.storage.dir, None, "normal")
+    try:
+        for adw_id in ("55b761f6", "adw-0a1b2c3d", "55b761f6"):
+            AdwWriter(host_config.watched / adw_id).state({"adw_id": adw_id, "end_time": None})
+            Pipeline(host_config.for_run(host_config.watched / adw_id), store).snapshot()
+        with store.transaction("host") as tx:
+            tx.set_meta("heartbeat", {"at": time.time(), "pid": 1, "state": "running"})
+        rejected = dead_letter_head(store)
+        store.db.execute("UPDATE outbox SET created = created - 1000 WHERE adw_id = '55b761f6'")
+    finally:
+        store.close()
+
+    report = status_report(host_config)
+    assert report["mode"] == "host"
+    runs = report["runs"]
+    assert set(runs) == {"55b761f6", "adw-0a1b2c3d"}
+    # The head of the outbox was adw-0a1b2c3d's: the first run's were replaced by newer ones.
+    assert json.loads(rejected.body)["adw_id"] == "adw-0a1b2c3d"
+    assert runs["adw-0a1b2c3d"]["dead_letters"] == 1
+    assert runs["55b761f6"]["dead_letters"] == 0
+    assert report["dead_letters"] == 1
+    assert report["outbox_depth"] == sum(r["outbox_depth"] for r in runs.values())
+    assert runs["55b761f6"]["epoch"] < runs["adw-0a1b2c3d"]["epoch"]
+    print_status(report)
+    out = capsys.readouterr().out
+    assert "adw-0a1b2c3d" in out
+    assert "runs          2" in out
+
+    reason = health(host_config, 600, time.time())
+    assert reason is not None
+    assert "(ADW 55b761f6)" in reason
+
+    [row] = dead_letters(host_config, None, False)["dead_letters"]
+    assert (row["seq"], row["adw_id"]) == (rejected.seq, "adw-0a1b2c3d")
+    assert dead_letters(host_config, rejected.seq, False) == {"requeued": 1}
