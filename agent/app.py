@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agent import __version__
+from agent import __version__, claims
 from agent import config as config_module
 from agent.config import Config
 from agent.deliver import Sender, build_client
@@ -92,6 +92,7 @@ class Agent:
         self._exit_code = 0
         # Made by startup, in this order; whatever exists is closed by _close.
         self._lock: int | None = None
+        self._claim: claims.Claim | None = None
         self._store: Store | None = None
         self._runs: Runs | None = None
         self.client: httpx.AsyncClient | None = None
@@ -139,11 +140,22 @@ class Agent:
 
     async def startup(self) -> None:
         cfg = self.config
-        # Before the store is opened: a second agent must not touch it at all.
+        # Before the store is opened: a second agent must not touch it at all, and no two
+        # agents may report one run directory.
         self._lock = lock_storage(cfg.storage.dir)
+        lock_root = claims.lock_dir(cfg.storage.lock_dir)
+        key = "adw.root" if cfg.host_mode else "adw.dir"
+        self._claim = claims.claim(lock_root, cfg.watched, key=key)
         home = None if cfg.host_mode else cfg.adw_id
         self._store = Store(cfg.storage.dir, home, cfg.storage.synchronous)
-        self._runs = Runs(cfg, self._store, health=self._health, events=self)
+        self._runs = Runs(
+            cfg,
+            self._store,
+            health=self._health,
+            events=self,
+            claims=lock_root,
+            claim=None if cfg.host_mode else self._claim,
+        )
         self.client = build_client(cfg)
         self._sender = Sender(cfg, self._store, self.client)
         self.runs.start_watching(asyncio.get_running_loop())
@@ -233,11 +245,16 @@ class Agent:
             closer.cancel()
             await old.aclose()
         self._retired.clear()
+        if self._runs is not None:
+            self._runs.close()
         if self._store is not None:
             self._store.close()
         if self._lock is not None:
             os.close(self._lock)  # releases storage.dir for the next agent
             self._lock = None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
         self.notifier.close()
 
     def _sender_ended(self, task: asyncio.Task[None]) -> None:

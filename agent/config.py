@@ -131,6 +131,12 @@ class StorageSection(_Section):
         default="full",
         description="'full' survives power loss; 'normal' only process crashes, and is faster.",
     )
+    lock_dir: Path | None = Field(
+        default=None,
+        description="Host-wide directory of claims, one per watched run directory, so that two "
+        "agents never report one run. Default /run/adw-agent, or adw-agent-<uid> in the "
+        "temporary directory where /run/adw-agent cannot be created.",
+    )
 
 
 class WatchSection(_Section):
@@ -384,6 +390,7 @@ def _validate(data: dict[str, Any]) -> Config:
         ("adw", "dir"),
         ("adw", "root"),
         ("storage", "dir"),
+        ("storage", "lock_dir"),
         ("backend", "token_file"),
         ("backend", "ca_bundle"),
     ):

@@ -316,6 +316,23 @@ class Store:
         self.db.execute("UPDATE streams SET seq = ? WHERE adw_id = ?", (seq, adw_id))
         return epoch, seq
 
+    def stream_replaced(self, adw_id: str, reported: int, found: int | None) -> None:
+        """The ADW's events were reported under epoch ``reported``, which this store does not
+        hold (it holds ``found``, or none): start its stream again, with a larger epoch than
+        ``reported``, and keep a note of it for ``status``."""
+        try:
+            with self.transaction():
+                floor = int(self.meta("epoch_floor") or 0)
+                _put_meta(self.db, "epoch_floor", max(floor, reported))
+                self.db.execute("DELETE FROM streams WHERE adw_id = ?", (adw_id,))
+                _put_meta(
+                    self.db,
+                    f"replaced:{adw_id}",
+                    {"at": time.time(), "reported_epoch": reported, "store_epoch": found},
+                )
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+
     def epoch(self, adw_id: str | None = None) -> int | None:
         """The epoch of an ADW's stream, or None before its first event."""
         try:

@@ -89,6 +89,8 @@ def status_report(config: Config) -> dict[str, Any]:
         for adw_id, run in runs.items():
             reported = view.record("cost", adw_id=adw_id)
             run["current_cost"] = round(orjson.loads(reported)["reported"], 10) if reported else 0.0
+            # Set when the store was found lost, reset or replaced (agent.claims).
+            run["replaced"] = view.meta(f"replaced:{adw_id}")
         return {
             "adw_id": config.adw_id,
             "mode": "host" if config.host_mode else "run",
@@ -129,12 +131,19 @@ def print_status(r: dict[str, Any]) -> None:
         for adw_id, run in r["runs"].items():
             age = run["oldest_undelivered_age"]
             oldest = f", oldest {age:.1f}s" if age is not None else ""
+            replaced = "  STORE REPLACED" if run["replaced"] else ""
             print(
                 f"  {adw_id:<14} seq {run['seq']:>6}  epoch {run['epoch']}  "
                 f"outbox {run['outbox_depth']}{oldest}  dead letters {run['dead_letters']}  "
-                f"${run['current_cost']:.6f}"
+                f"${run['current_cost']:.6f}{replaced}"
             )
         return
+    run = r["runs"].get(r["adw_id"]) or {}
+    if run.get("replaced"):
+        print(
+            f"STORE REPLACED {_ago(run['replaced']['at'])}: events were reported under epoch "
+            f"{run['replaced']['reported_epoch']}; a new stream started (epoch {run['epoch']})"
+        )
     print(f"current cost  ${r['current_cost']:.6f}")
     for agent, t in sorted(r["transcripts"].items()):
         if "error" in t:

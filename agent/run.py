@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.batch import ChangeBatcher
+from agent.claims import Claim
 from agent.config import Config
 from agent.errors import StorageError
 from agent.health import StoreHealth
@@ -56,6 +57,7 @@ class RunUnit:
         events: RunEvents,
         changed: asyncio.Event,
         read_budget: int | None = None,
+        claim: Claim | None = None,
     ) -> None:
         self.config = config
         self.adw_id = config.adw_id
@@ -71,6 +73,32 @@ class RunUnit:
         self._store = store
         self._health = health
         self._events = events
+        #: This process's claim on the run directory, which also records its stream's epoch.
+        self.claim = claim
+        self._recorded = claim.recorded_epoch(self.adw_id) if claim is not None else None
+
+    def check_stream(self) -> None:
+        """Compare the store's stream with the one last reported for this directory.
+
+        A store that has no stream for it, or an older one, was lost, reset or replaced: the
+        backend already has events under the recorded epoch, so the stream starts again with a
+        larger epoch, and the operator hears about it (loudly, and in ``status``).
+        """
+        recorded = self._recorded
+        if recorded is None:
+            return
+        current = self._store.epoch(self.adw_id)
+        if current is not None and current >= recorded:
+            return
+        log.error(
+            "the store does not hold the event stream of this run directory (reported under "
+            "epoch %d; the store's: %s): it was lost, reset or replaced. Events start again "
+            "in a new stream with a larger epoch, and seq starts again",
+            recorded,
+            current,
+            extra={"adw_id": self.adw_id, "path": str(self._store.path)},
+        )
+        self._store.stream_replaced(self.adw_id, recorded, current)
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration (the run directory itself never changes)."""
@@ -168,4 +196,13 @@ class RunUnit:
         if outcome.more:
             self.batcher.add(outcome.more, wake=True)
         if outcome.emitted:
+            self._record_epoch()
             self._events.queued()
+
+    def _record_epoch(self) -> None:
+        if self.claim is None:
+            return
+        epoch = self._store.epoch(self.adw_id)
+        if epoch is not None and epoch != self._recorded:
+            self.claim.record_epoch(self.adw_id, epoch)
+            self._recorded = epoch

@@ -19,9 +19,13 @@ import asyncio
 import functools
 import logging
 import time
+from pathlib import Path
 
+from agent import claims
+from agent.claims import Claim
 from agent.config import Config
 from agent.discover import RunDirs
+from agent.errors import ConfigError, StorageError
 from agent.health import StoreHealth
 from agent.layout import RESCAN
 from agent.outbox import Store
@@ -41,9 +45,22 @@ class Runs:
     """Every run of the process, the one watcher that feeds them, and their turns."""
 
     def __init__(
-        self, config: Config, store: Store, *, health: StoreHealth, events: RunEvents
+        self,
+        config: Config,
+        store: Store,
+        *,
+        health: StoreHealth,
+        events: RunEvents,
+        claims: Path,
+        claim: Claim | None = None,
     ) -> None:
+        """``claims`` is the lock directory; ``claim`` the process's claim on its one run
+        directory (host mode claims each run directory as it opens it)."""
         self.config = config
+        self._claims = claims
+        self._claim = claim
+        #: Host mode: run directories another agent has claimed; tried again at each rescan.
+        self.foreign: set[str] = set()
         self._store = store
         self._health = health
         self._events = events
@@ -64,6 +81,9 @@ class Runs:
         """Start watching. Before the first snapshot (:meth:`sync`), so that no change can
         slip between the two."""
         self._loop = loop
+        if self._dirs is None:
+            # Opened first: its stream is checked before anything is queued in it.
+            self._open(self.config)
         if not self.watch.start():
             self.rescan_at = time.monotonic() + MISSING_DIR_POLL
 
@@ -71,7 +91,8 @@ class Runs:
         """Queue the full picture of every run that has not ended and been delivered."""
         if self._dirs is None:
             unit = self.units.get(self.config.adw_id) or self._open(self.config)
-            unit.sync()
+            if unit is not None:
+                unit.sync()
             return
         for adw_id in self._dirs.scan():
             if adw_id in self.units:
@@ -79,10 +100,25 @@ class Runs:
             elif adw_id not in self.retired:
                 if self._finished(adw_id):
                     self.retired.add(adw_id)
-                else:
-                    self._open(self.config.for_run(self._dirs.path(adw_id))).sync()
+                elif (unit := self._open_run(adw_id)) is not None:
+                    unit.sync()
 
-    def _open(self, config: Config) -> RunUnit:
+    def _open_run(self, adw_id: str) -> RunUnit | None:
+        if self._dirs is None:
+            return None
+        return self._open(self.config.for_run(self._dirs.path(adw_id)))
+
+    def _open(self, config: Config) -> RunUnit | None:
+        claim = self._claim
+        if self._dirs is not None:
+            try:
+                claim = claims.claim(self._claims, config.run_dir, key="adw.root")
+            except (ConfigError, StorageError) as exc:
+                if config.adw_id not in self.foreign:
+                    log.warning("not reporting this run: %s", exc, extra={"adw_id": config.adw_id})
+                self.foreign.add(config.adw_id)
+                return None
+            self.foreign.discard(config.adw_id)
         unit = RunUnit(
             config,
             self._store,
@@ -90,7 +126,12 @@ class Runs:
             events=self._events,
             changed=self.changed,
             read_budget=HOST_READ_BUDGET if self._dirs is not None else None,
+            claim=claim,
         )
+        try:
+            unit.check_stream()
+        except StorageError as exc:
+            self._events.store_failed(exc)
         self.units[unit.adw_id] = unit
         self.retired.discard(unit.adw_id)
         return unit
@@ -114,10 +155,12 @@ class Runs:
             return  # the root itself, or something under it that is not a run
         unit = self.units.get(adw_id)
         if unit is None:
-            if not self._dirs.exists(adw_id):
+            if adw_id in self.foreign or not self._dirs.exists(adw_id):
                 return
             # A new run, or a retired one whose files changed: its whole directory is read.
-            unit = self._open(self.config.for_run(self._dirs.path(adw_id)))
+            unit = self._open_run(adw_id)
+            if unit is None:
+                return
             unit.batcher.add({RESCAN}, wake=True)
         unit.batcher.note(path, closed)
 
@@ -171,7 +214,7 @@ class Runs:
         if self._dirs is not None:
             for adw_id in self._dirs.scan():
                 if adw_id not in self.units and adw_id not in self.retired:
-                    self._open(self.config.for_run(self._dirs.path(adw_id)))
+                    self._open_run(adw_id)
         for unit in list(self.units.values()):
             unit.process({RESCAN})
 
@@ -182,10 +225,19 @@ class Runs:
         for adw_id, unit in list(self.units.items()):
             if unit.idle and self._finished(adw_id):
                 del self.units[adw_id]
+                if unit.claim is not None:
+                    unit.claim.release()
                 if self._dirs.exists(adw_id):
                     self.retired.add(adw_id)
                     log.debug("run retired", extra={"adw_id": adw_id})
         self.retired = {adw_id for adw_id in self.retired if self._dirs.exists(adw_id)}
+        self.foreign = {adw_id for adw_id in self.foreign if self._dirs.exists(adw_id)}
+
+    def close(self) -> None:
+        """Give up the claims (the process ending would too)."""
+        for unit in self.units.values():
+            if unit.claim is not None and unit.claim is not self._claim:
+                unit.claim.release()
 
     def _finished(self, adw_id: str) -> bool:
         """Ended as recorded in the store, and nothing of it left to deliver; or its directory

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from agent.claims import claim
 from agent.config import Config, load
 from agent.errors import StorageError
 from agent.health import StoreHealth
@@ -56,7 +57,10 @@ class Host:
         self.config: Config = load(path, {})
         self.store = Store(self.config.storage.dir, None, "normal")
         self.events = Events()
-        self.runs = Runs(self.config, self.store, health=StoreHealth(), events=self.events)
+        self.locks = tmp_path / "locks"
+        self.runs = Runs(
+            self.config, self.store, health=StoreHealth(), events=self.events, claims=self.locks
+        )
 
     def run(self, adw_id: str) -> AdwWriter:
         return AdwWriter(self.root / adw_id)
@@ -114,7 +118,10 @@ def test_runs_that_ended_and_were_delivered_are_retired(host: Host) -> None:
     assert set(host.runs.units) == {"adw-0a1b2c3d"}
     assert len(host.runs.retired) == 1000
     # A restart knows them from the store: no reader, no snapshot for them.
-    again = Runs(host.config, host.store, health=StoreHealth(), events=host.events)
+    host.runs.close()
+    again = Runs(
+        host.config, host.store, health=StoreHealth(), events=host.events, claims=host.locks
+    )
     again.sync()
     assert set(again.units) == {"adw-0a1b2c3d"}
 
@@ -155,3 +162,17 @@ def test_paths_outside_any_run_are_ignored(host: Host) -> None:
     host.changed(host.root)
     host.changed(host.root / "0123abcd")  # not there (yet): nothing to open
     assert host.runs.units == {}
+
+
+def test_a_run_another_agent_reports_is_left_to_it(host: Host) -> None:
+    run = host.run("55b761f6")
+    run.state({**STATE, "adw_id": "55b761f6"})
+    other = claim(host.locks, run.run_dir, key="adw.dir")  # a per-worktree agent's claim
+    host.runs.sync()
+    assert host.runs.units == {}
+    assert host.runs.foreign == {"55b761f6"}
+    host.changed(run.run_dir / "adw_state.json")
+    assert host.runs.units == {}
+    other.release()
+    host.runs.rescan()
+    assert set(host.runs.units) == {"55b761f6"}
