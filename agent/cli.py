@@ -165,6 +165,18 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover_store(args: argparse.Namespace) -> int:
+    from agent.outbox import recover_store  # noqa: PLC0415
+
+    config = _config(args, check=False)
+    moved = recover_store(config.storage.dir)
+    if moved is None:
+        print(f"no store in {config.storage.dir}: nothing to recover")
+    else:
+        print(f"moved the store to {moved}; the next start begins a new one, with new epochs")
+    return 0
+
+
 def _print_dead(result: dict[str, Any]) -> None:
     rows = result["dead_letters"]
     if not rows:
@@ -235,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--all", action="store_true", help="requeue every dead letter")
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(func=cmd_dead_letters)
+    with_config(
+        "recover-store", "move a damaged store aside; the next start begins a new one"
+    ).set_defaults(func=cmd_recover_store)
     return p
 
 

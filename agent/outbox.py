@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
-from agent.errors import ConfigError, StorageError
+from agent.errors import ConfigError, DamagedStore, StorageError
 from agent.events import COALESCIBLE, EventType, Source, check_data, envelope
 from agent.layout import FileKey
 
@@ -250,6 +250,7 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the store at {self.path}: {exc}") from None
         try:
+            _check_intact(self.db, self.path)
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self.db.execute("PRAGMA busy_timeout = 5000")
@@ -616,6 +617,53 @@ class StoreView:
             if value is not None:
                 out.append((key, value))
         return out
+
+
+# SQLite's answers for a file that is damaged, or not a database at all.
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def _check_intact(db: sqlite3.Connection, path: Path) -> None:
+    """Raise :class:`DamagedStore` for a corrupt store: restarting cannot help, recovering can.
+
+    ``quick_check`` reads every page once (milliseconds for a store of a few MB)."""
+    try:
+        rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
+            raise
+        problem = str(exc)
+    else:
+        if rows == [("ok",)]:
+            return
+        problem = str(rows[0][0]) if rows else "quick_check found a problem"
+    raise DamagedStore(
+        f"storage.dir: the store {path} is damaged ({problem}); move it aside and start a new "
+        "one with: adw-agent recover-store --config <this config>"
+    )
+
+
+def recover_store(directory: Path) -> Path | None:
+    """Move a damaged store aside, with its WAL, so that the next start begins a new store.
+
+    Refused while an agent holds ``storage.dir``. Returns where the store went, or None if
+    there was none. The new store starts new streams with larger epochs, and the agent says
+    so when it finds the directory's events were reported under an earlier one.
+    """
+    fd = lock_storage(directory)
+    try:
+        path = directory / DB_NAME
+        if not path.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = directory / f"{DB_NAME}.damaged-{stamp}"
+        for suffix in ("-wal", "-shm", ""):
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.rename(Path(f"{target}{suffix}"))
+        return target
+    finally:
+        os.close(fd)
 
 
 def _transcript_keys(db: sqlite3.Connection, adw_id: str) -> list[FileKey]:

@@ -123,3 +123,41 @@ def test_a_lost_store_starts_a_new_stream_with_a_larger_epoch_and_says_so(
     replaced = json.loads(status.stdout)["runs"]["55b761f6"]["replaced"]
     assert replaced["reported_epoch"] == max(old_epoch)
     assert second.stop() == 0
+
+
+def test_a_damaged_store_exits_78_naming_the_recovery_which_then_works(
+    tmp_path: Path, backend: Backend, writer: AdwWriter, run_dir: Path
+) -> None:
+    config = locked_config(tmp_path, "agent", run_dir, backend.url, "storage")
+    writer.state({"adw_id": "55b761f6", "issue_number": "4", "issue_class": "/chore"})
+    store = tmp_path / "storage" / "agent.sqlite3"
+    store.parent.mkdir()
+    store.write_bytes(b"SQLite format 3\x00" + b"\xff" * 8000)  # a header, then garbage
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    assert agent.proc is not None
+    assert agent.proc.wait(30) == 78
+    text = agent.log.read_text()
+    assert "Traceback" not in text
+    [line] = [json.loads(x) for x in text.splitlines()]
+    assert line["message"].startswith(f"startup failed: storage.dir: the store {store} is damaged")
+    assert "adw-agent recover-store --config" in line["message"]
+
+    done = run_cli("recover-store", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    [aside] = (tmp_path / "storage").glob("agent.sqlite3.damaged-*")
+    assert aside.read_bytes().endswith(b"\xff" * 100)
+    again = AgentProcess(config, tmp_path / "again.log").start().wait_started()
+    backend.wait_for(lambda evs: any(e["type"] == "workflow_update" for e in evs))
+    assert again.stop() == 0
+
+
+def test_recover_store_refuses_while_an_agent_runs(
+    tmp_path: Path, backend: Backend, run_dir: Path
+) -> None:
+    config = locked_config(tmp_path, "agent", run_dir, backend.url, "storage")
+    agent = AgentProcess(config, tmp_path / "agent.log").start().wait_started()
+    done = run_cli("recover-store", "--config", str(config))
+    assert done.returncode == 78
+    assert "in use by another running agent" in done.stderr
+    assert (tmp_path / "storage" / "agent.sqlite3").exists()
+    assert agent.stop() == 0
