@@ -29,7 +29,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 
@@ -42,6 +42,7 @@ from agent.health import StoreHealth
 from agent.notify import Notifier
 from agent.outbox import Store, lock_storage
 from agent.runs import Runs
+from agent.status import AgentState, Heartbeat
 
 log = logging.getLogger("adw_agent.app")
 
@@ -83,9 +84,8 @@ class Agent:
         self.should_exit = asyncio.Event()
         self._reload = False
         self._timers = _Timers()
-        self._health = StoreHealth()
-        # While the store cannot be written: an agent_status sent directly.
-        self._direct: asyncio.Task[bool] | None = None
+        self.health = StoreHealth()
+        self.heartbeat = Heartbeat(self)
         # Clients replaced by a reload, closed once a request in flight on them has ended.
         self._retired: list[tuple[httpx.AsyncClient, asyncio.Task[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,6 +108,10 @@ class Agent:
     def runs(self) -> Runs:
         """The runs the agent reports on (from startup on)."""
         return _started(self._runs)
+
+    @property
+    def runs_started(self) -> bool:
+        return self._runs is not None
 
     @property
     def sender(self) -> Sender:
@@ -151,7 +155,7 @@ class Agent:
         self._runs = Runs(
             cfg,
             self._store,
-            health=self._health,
+            health=self.health,
             events=self,
             claims=lock_root,
             claim=None if cfg.host_mode else self._claim,
@@ -159,7 +163,7 @@ class Agent:
         self.client = build_client(cfg)
         self._sender = Sender(cfg, self._store, self.client)
         self.runs.start_watching(asyncio.get_running_loop())
-        self._status("starting")
+        self.heartbeat.queue("starting")
         # A full disk must not stop the agent from starting: the snapshot waits for the store.
         self.runs.sync()
         self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
@@ -170,7 +174,7 @@ class Agent:
         self._timers.resync = now + cfg.intervals.resync if cfg.intervals.resync else float("inf")
         self._timers.watchdog = now
         self._timers.outbox = now + _OUTBOX_POLL
-        self.notifier.send("READY=1", self._status_line())
+        self.notifier.send("READY=1", self.heartbeat.line())
         log.info(
             "agent started",
             extra={
@@ -212,7 +216,7 @@ class Agent:
             await self._runs.watch.stop(deadline)
             try:
                 self._runs.flush()
-                self._status("stopping")
+                self.heartbeat.queue("stopping")
             except AgentError as exc:
                 log.error("could not record the last changes: %s", exc)
         task = self.sender_task
@@ -220,9 +224,8 @@ class Agent:
             self.sender.wake()
             while not task.done() and time.monotonic() < deadline and not self._drained():
                 await asyncio.sleep(0.02)
-            if self._direct is not None and not self._direct.done():
-                # The last status could only be sent directly (the store is not writable).
-                await asyncio.wait({self._direct}, timeout=max(0.0, deadline - time.monotonic()))
+            # The last status could only be sent directly (the store is not writable).
+            await self.heartbeat.wait_direct(deadline)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             try:
@@ -236,9 +239,7 @@ class Agent:
 
     async def _close(self) -> None:
         """Release whatever startup made, also after a startup that failed half way."""
-        if self._direct is not None:
-            self._direct.cancel()
-            await asyncio.gather(self._direct, return_exceptions=True)
+        await self.heartbeat.close()
         if self.client is not None:
             await self.client.aclose()
         for old, closer in self._retired:
@@ -308,7 +309,7 @@ class Agent:
             log.error("reload failed, keeping the running configuration: %s", exc)
         finally:
             # Whatever happened, systemd must not be left thinking the agent is reloading.
-            self.notifier.send("READY=1", self._status_line())
+            self.notifier.send("READY=1", self.heartbeat.line())
 
     async def _reconfigure(self, new: Config) -> None:
         """Everything that can fail is built and checked first, while the running
@@ -374,8 +375,8 @@ class Agent:
     def _next_deadline(self) -> float:
         t = self._timers
         deadlines = [t.heartbeat, t.resync, t.outbox, self.runs.next_deadline()]
-        if self._health.retry_due is not None:
-            deadlines.append(self._health.retry_due)
+        if self.health.retry_due is not None:
+            deadlines.append(self.health.retry_due)
         if self.notifier.watchdog_interval is not None:
             deadlines.append(t.watchdog)
         return min(deadlines)
@@ -398,15 +399,15 @@ class Agent:
             await self._apply_reload()
         runs = self.runs
         now = time.monotonic()
-        if self._health.due(now):
+        if self.health.due(now):
             # Pending changes are the first write that tries it; else a status, below.
             log.debug("trying the store again")
         runs.step(now)
         now = time.monotonic()
         t = self._timers
-        if self._health.due(now):
+        if self.health.due(now):
             # Only a real write proves the store is back: try to queue a status.
-            self._status("running", direct=False)
+            self.heartbeat.queue("running", direct=False)
             runs.step(now)
         if runs.rescan_due(now):
             await runs.reconcile(now)
@@ -415,7 +416,7 @@ class Agent:
             runs.sync()
         if now >= t.heartbeat:
             t.heartbeat = now + self.config.intervals.heartbeat
-            self._status("running")
+            self.heartbeat.queue("running")
         if now >= t.outbox:
             t.outbox = now + _OUTBOX_POLL
             self.sender.wake()
@@ -423,104 +424,30 @@ class Agent:
             t.watchdog = now + self.notifier.watchdog_interval
             watching = runs.watch.healthy()
             if watching and self.sender_task is not None and not self.sender_task.done():
-                self.notifier.send("WATCHDOG=1", self._status_line())
+                self.notifier.send("WATCHDOG=1", self.heartbeat.line())
             else:
                 log.error("watcher or sender is not running; withholding the watchdog ping")
 
     # -- what the run tells the process (agent.run.RunEvents) -------------------------------
 
-    def store_failed(self, exc: StorageError, state: str = "running") -> None:
-        if self._health.failed(exc):
+    def store_failed(self, exc: StorageError, state: AgentState = "running") -> None:
+        if self.health.failed(exc):
             log.error(
                 "cannot write the store under %s: %s. Changes are kept and read again when "
                 "it recovers",
                 self.config.storage.dir,
                 exc,
             )
-            self._send_status_directly(state)
+            self.heartbeat.send_directly(state)
 
     def store_ok(self) -> None:
-        if self._health.recovered():
+        if self.health.recovered():
             log.warning("the store is writable again")
-            for unit in list(self.runs.units.values()):
-                if unit.sync_pending:
-                    unit.sync()
-            self._status("running")  # tells the backend it is over
+            self.runs.sync_pending()
+            self.heartbeat.queue("running")  # tells the backend it is over
 
     def queued(self) -> None:
         self.sender.wake()
-
-    def _send_status_directly(self, state: str) -> None:
-        """The backend must hear about a store that cannot be written, and the status cannot
-        be queued: send it outside the outbox (best effort, ``seq`` 0), one at a time."""
-        if self._direct is not None and not self._direct.done():
-            return
-        try:
-            data = self._status_data(state)
-        except Exception as exc:  # the store cannot even be read: say what we know
-            log.debug("no outbox statistics for the direct status: %s", exc)
-            data = self._status_data(state, {})
-        self._direct = asyncio.create_task(
-            self.sender.send_direct("agent_status", data, adw_id=self.config.adw_id),
-            name="direct-status",
-        )
-
-    # -- status -----------------------------------------------------------------------------
-
-    def _status_data(self, state: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        stats = self.store.stats() if stats is None else stats
-        return {
-            "state": state,
-            "version": __version__,
-            "adw_id": self.config.adw_id,
-            "outbox_depth": stats.get("outbox_depth", 0),
-            "oldest_undelivered_age": stats.get("oldest_undelivered_age"),
-            "last_delivery_error": self.sender.last_error,
-            "storage_error": self._health.error,
-            "dead_letters": stats.get("dead_letters", 0),
-        }
-
-    def _status(self, state: str, direct: bool = True) -> bool:
-        """Queue an agent_status; True if it was written. When the store cannot be written
-        and ``direct``, it goes to the backend directly instead."""
-        stats = self.store.stats()
-        data = self._status_data(state, stats)
-        try:
-            with self.store.transaction(self.config.adw_id) as tx:
-                tx.emit("agent_status", data, "event")
-                # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
-                # stop. In the same transaction: the two must never disagree.
-                tx.set_meta("heartbeat", {"at": time.time(), "pid": os.getpid(), "state": state})
-        except StorageError as exc:
-            if direct and self._health.error is not None:
-                # Still failing: the heartbeat goes out directly instead.
-                log.warning("agent status could not be queued; sending it directly")
-                self._send_status_directly(state)
-            self.store_failed(exc, state)
-            return False
-        finally:
-            self.notifier.send(self._status_line(state, stats))
-        self.sender.wake()
-        if self._health.error is not None and state != "stopping":
-            self.store_ok()  # a real write: the store is back
-        return True
-
-    def _status_line(self, state: str | None = None, stats: dict[str, Any] | None = None) -> str:
-        """One ``STATUS=`` line for ``systemctl status``: what the agent does, and its backlog."""
-        try:
-            stats = stats or self.store.stats()
-            backlog = f"outbox depth {stats['outbox_depth']}, dead letters {stats['dead_letters']}"
-        except Exception:
-            backlog = "outbox depth unknown (store unreadable)"
-        if state is None:
-            paused = self._runs is not None and self._runs.paused
-            state = "waiting for the run directory" if paused else "running"
-        line = f"STATUS={state}: {self.config.adw_id}, {backlog}"
-        if self._health.error:
-            line += "; storage failing"
-        elif self.sender.last_error:
-            line += f"; delivery failing: {self.sender.last_error}"
-        return line
 
 
 async def serve(config: Config, early_signals: list[int] | None = None) -> int:

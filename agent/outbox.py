@@ -342,6 +342,11 @@ class Store:
             raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
 
     @property
+    def in_transaction(self) -> bool:
+        """Inside a transaction (a group of batches, see :meth:`group`)."""
+        return self.db.in_transaction
+
+    @property
     def total_changes(self) -> int:
         """Rows changed through this connection so far: whether a batch wrote anything."""
         return self.db.total_changes
@@ -349,14 +354,45 @@ class Store:
     @contextlib.contextmanager
     def transaction(self, adw_id: str | None = None) -> Iterator[Transaction]:
         """All reads and writes inside commit together or not at all. The records and events
-        are those of ``adw_id`` (by default the store's one ADW)."""
+        are those of ``adw_id`` (by default the store's one ADW).
+
+        Inside a :meth:`group`, it is a savepoint of the group's transaction: undone alone if
+        it fails, and committed with the group.
+        """
+        tx = Transaction(self, adw_id or self.adw_id)
+        if self.db.in_transaction:
+            try:
+                self.db.execute("SAVEPOINT grouped")
+            except sqlite3.Error as exc:
+                raise _storage_error(exc) from None
+            try:
+                yield tx
+                self.db.execute("RELEASE grouped")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK TO grouped")
+                    self.db.execute("RELEASE grouped")
+                if isinstance(exc, sqlite3.Error):
+                    raise _storage_error(exc) from None
+                raise
+            return
+        with self.group():
+            yield tx
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """One transaction for several batches (of one or many ADWs): one commit, and one
+        wait for the disk, for all of them. Inside another group, a savepoint of it."""
+        if self.db.in_transaction:
+            with self.transaction():
+                yield
+            return
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
-        tx = Transaction(self, adw_id or self.adw_id)
         try:
-            yield tx
+            yield
             self.db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):

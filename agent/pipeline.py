@@ -178,6 +178,12 @@ class Pipeline:
         self._last_read_error: dict[FileKey, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
 
+    def forget(self) -> None:
+        """The store did not keep what the readers consumed (a group of batches was rolled
+        back after they ran): rebuild them from the store, so the same bytes are read again."""
+        self._transcripts.clear()
+        self._failures.clear()
+
     # -- which files ---------------------------------------------------------------------
 
     def all_keys(self) -> set[FileKey]:
@@ -235,6 +241,9 @@ class Pipeline:
 
     @contextmanager
     def _batch(self, source: Source) -> Iterator[_Batch]:
+        # Inside a group of batches (see Store.group), the commit comes with the group.
+        grouped = self.store.in_transaction
+        failures = len(self._failures)
         try:
             with self.store.transaction(self.adw_id) as tx:
                 batch = _Batch(tx, source, budget=self.read_budget)
@@ -243,10 +252,16 @@ class Pipeline:
         except BaseException:
             # The store did not record what the readers consumed: rebuild them from the store.
             self._transcripts.clear()
-            self._failures.clear()
+            del self._failures[failures:]
             raise
-        # Logged once committed: a batch that is rolled back (disk full) and retried must not
-        # report the same failure again and again.
+        if not grouped:
+            self.committed()
+
+    def committed(self) -> None:
+        """What was read is committed: log the failures it reported.
+
+        Logged only then: a batch that is rolled back (disk full) and retried must not report
+        the same failure again and again."""
         for reason in self._failures:
             log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
         self._failures.clear()

@@ -73,6 +73,9 @@ class RunUnit:
         self._store = store
         self._health = health
         self._events = events
+        # Changes handled in the store's current group of batches, not yet committed.
+        self._uncommitted: set[Change] = set()
+        self._synced = False
         #: This process's claim on the run directory, which also records its stream's epoch.
         self.claim = claim
         self._recorded = claim.recorded_epoch(self.adw_id) if claim is not None else None
@@ -160,7 +163,24 @@ class RunUnit:
             self.batcher.add(changes, wake=False)
             self._events.store_failed(exc)
             return
+        self._uncommitted |= changes
         self._handle(changes, outcome, wrote=self._store.total_changes > before)
+
+    def committed(self) -> None:
+        """The group of batches this run's changes were in is committed."""
+        self._uncommitted.clear()
+        self._synced = False
+        self.pipeline.committed()
+        self._record_epoch()
+
+    def undo(self) -> None:
+        """The group of batches was rolled back: read those changes again later."""
+        self.pipeline.forget()
+        if self._uncommitted:
+            self.batcher.add(self._uncommitted, wake=False)
+        self.sync_pending |= self._synced
+        self._uncommitted.clear()
+        self._synced = False
 
     def sync(self) -> None:
         """Queue the full picture as ``sync`` events (at startup, and every intervals.resync)."""
@@ -172,6 +192,7 @@ class RunUnit:
             self._events.store_failed(exc)
             return
         self.sync_pending = False
+        self._synced = True
         self._handle(self.pipeline.all_keys(), outcome, wrote=True)
 
     def _handle(self, changes: AbstractSet[Change], outcome: Outcome, *, wrote: bool) -> None:
@@ -196,7 +217,6 @@ class RunUnit:
         if outcome.more:
             self.batcher.add(outcome.more, wake=True)
         if outcome.emitted:
-            self._record_epoch()
             self._events.queued()
 
     def _record_epoch(self) -> None:

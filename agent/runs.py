@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import claims
@@ -92,16 +93,20 @@ class Runs:
         if self._dirs is None:
             unit = self.units.get(self.config.adw_id) or self._open(self.config)
             if unit is not None:
-                unit.sync()
+                self._grouped([unit], RunUnit.sync)
             return
         for adw_id in self._dirs.scan():
             if adw_id in self.units:
-                self.units[adw_id].sync()
+                self._grouped([self.units[adw_id]], RunUnit.sync)
             elif adw_id not in self.retired:
                 if self._finished(adw_id):
                     self.retired.add(adw_id)
                 elif (unit := self._open_run(adw_id)) is not None:
-                    unit.sync()
+                    self._grouped([unit], RunUnit.sync)
+
+    def sync_pending(self) -> None:
+        """Queue the snapshots that the store could not take before."""
+        self._grouped([u for u in self.units.values() if u.sync_pending], RunUnit.sync)
 
     def _open_run(self, adw_id: str) -> RunUnit | None:
         if self._dirs is None:
@@ -180,19 +185,41 @@ class Runs:
         return min([self.rescan_at, *(unit.ready_at() for unit in self.units.values())])
 
     def step(self, now: float) -> None:
-        """Give every run with work its turn: one batch each, starting one further each time."""
+        """Give every run with work its turn: one batch each, starting one further each time,
+        all in one transaction (one wait for the disk, however many runs changed)."""
         self.changed.clear()
-        units = list(self.units.values())
+        units = [unit for unit in self.units.values() if unit.ready_at() <= now]
         if not units:
             return
         self._turn = (self._turn + 1) % len(units)
-        for unit in units[self._turn :] + units[: self._turn]:
-            unit.step(now)
+        self._grouped(units[self._turn :] + units[: self._turn], lambda unit: unit.step(now))
 
     def flush(self) -> None:
         """Handle whatever is pending now (the agent is stopping)."""
-        for unit in list(self.units.values()):
-            unit.flush()
+        self._grouped(list(self.units.values()), RunUnit.flush)
+
+    def _grouped(self, units: list[RunUnit], work: Callable[[RunUnit], None]) -> None:
+        """Run ``work`` for each unit inside one store transaction; if the commit fails, every
+        one of them reads its changes again later."""
+        done: list[RunUnit] = []
+        try:
+            with self._store.group():
+                for unit in units:
+                    done.append(unit)
+                    work(unit)
+        except BaseException as exc:
+            for unit in done:
+                unit.undo()
+            if isinstance(exc, StorageError):
+                log.debug(
+                    "batch not recorded: the store cannot be written",
+                    extra={"runs": [unit.adw_id for unit in done]},
+                )
+                self._events.store_failed(exc)
+                return
+            raise
+        for unit in done:
+            unit.committed()
 
     def rescan_due(self, now: float) -> bool:
         # A watcher that stopped by itself (its directory was deleted) is healed at once.
@@ -215,8 +242,7 @@ class Runs:
             for adw_id in self._dirs.scan():
                 if adw_id not in self.units and adw_id not in self.retired:
                     self._open_run(adw_id)
-        for unit in list(self.units.values()):
-            unit.process({RESCAN})
+        self._grouped(list(self.units.values()), lambda unit: unit.process({RESCAN}))
 
     def retire(self) -> None:
         """Host mode: drop the runs that ended and were delivered; forget deleted ones."""
