@@ -148,8 +148,14 @@ class Agent:
         # agents may report one run directory.
         self._lock = lock_storage(cfg.storage.dir)
         lock_root = claims.lock_dir(cfg.storage.lock_dir)
-        key = "adw.root" if cfg.host_mode else "adw.dir"
-        self._claim = claims.claim(lock_root, cfg.watched, key=key)
+        if lock_root is None:
+            log.warning(
+                "no writable lock directory: a second agent on the same run directory will not "
+                "be refused, nor a replaced store detected; set storage.lock_dir"
+            )
+        else:
+            key = "adw.root" if cfg.host_mode else "adw.dir"
+            self._claim = claims.claim(lock_root, cfg.watched, key=key)
         home = None if cfg.host_mode else cfg.adw_id
         self._store = Store(cfg.storage.dir, home, cfg.storage.synchronous)
         self._runs = Runs(

@@ -30,16 +30,29 @@ from agent.errors import ConfigError, StorageError
 DEFAULT_LOCK_DIR = Path("/run/adw-agent")
 
 
-def lock_dir(configured: Path | None) -> Path:
-    """The lock directory: as configured, else /run/adw-agent, else one in the temp directory
-    (an agent that cannot create /run/adw-agent, as an unprivileged user outside systemd)."""
+def lock_dir(configured: Path | None) -> Path | None:
+    """The lock directory: as configured; else /run/adw-agent; else systemd's
+    ``$RUNTIME_DIRECTORY``; else ``adw-agent-<uid>`` in the temporary directory (claims that
+    only this user's agents see are still claims). None when none of them can be written (a
+    sandbox that allows neither): the agent then runs without claims, and says so."""
     if configured is not None:
         return configured
-    try:
+    with contextlib.suppress(OSError):
         DEFAULT_LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
-    except OSError:
-        return Path(tempfile.gettempdir()) / f"adw-agent-{os.getuid()}"
-    return DEFAULT_LOCK_DIR
+    if _writable(DEFAULT_LOCK_DIR):
+        return DEFAULT_LOCK_DIR
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime and _writable(Path(runtime)):
+        return Path(runtime)
+    try:
+        fallback = Path(tempfile.gettempdir()) / f"adw-agent-{os.getuid()}"
+    except OSError:  # no usable temporary directory
+        return None
+    return fallback
+
+
+def _writable(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 class Claim:

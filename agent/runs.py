@@ -52,11 +52,11 @@ class Runs:
         *,
         health: StoreHealth,
         events: RunEvents,
-        claims: Path,
+        claims: Path | None,
         claim: Claim | None = None,
     ) -> None:
-        """``claims`` is the lock directory; ``claim`` the process's claim on its one run
-        directory (host mode claims each run directory as it opens it)."""
+        """``claims`` is the lock directory (None: no claims); ``claim`` the process's claim on
+        its one run directory (host mode claims each run directory as it opens it)."""
         self.config = config
         self._claims = claims
         self._claim = claim
@@ -115,7 +115,7 @@ class Runs:
 
     def _open(self, config: Config) -> RunUnit | None:
         claim = self._claim
-        if self._dirs is not None:
+        if self._dirs is not None and self._claims is not None:
             try:
                 claim = claims.claim(self._claims, config.run_dir, key="adw.root")
             except (ConfigError, StorageError) as exc:
