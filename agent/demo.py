@@ -4,8 +4,9 @@ The backend (``adw-agent serve`` on a temporary SQLite file) listens on a free p
 live page's URL is printed first. A small simulator writes a temporary ADW run the way
 tac-webbuilder does (state rewritten in place, sometimes in two halves; phases; an agent
 transcript appended line by line, including a retry that truncates it; finally a failed Build:
-the orchestrator's execution.log, then ``end_time`` while Build is still current), and the agent watches it and delivers every change. Each event prints as the
-backend's WebSocket announces it; ``--linger`` keeps the page up afterwards.
+the orchestrator's execution.log, then ``end_time`` while Build is still current), and the
+agent watches it and delivers every change. Each event prints as the backend's WebSocket
+announces it; ``--linger`` keeps the page up afterwards.
 """
 
 from __future__ import annotations
