@@ -614,6 +614,10 @@ def test_a_store_of_an_earlier_version_keeps_its_records_and_seq(tmp_path: Path)
     db.execute("INSERT INTO meta VALUES ('adw_id', ?)", (orjson.dumps(ADW),))
     db.execute("INSERT INTO meta VALUES ('seq', ?)", (orjson.dumps(7),))
     db.execute("INSERT INTO files VALUES ('transcript:planner', ?)", (b'{"v":1}',))
+    # How the one run ended was kept as meta then; it is that run's record now.
+    ended = {"end_time": "2026-11-30T12:00:00", "kind": "failed"}
+    db.execute("INSERT INTO meta VALUES ('ended', ?)", (orjson.dumps(ended),))
+    db.execute("INSERT INTO meta VALUES ('first_seen', ?)", (orjson.dumps("2026-11-30T11:00:00Z"),))
     db.execute(
         "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (7, 'e7', "
         "'workflow_failed', 0, ?)",
@@ -625,6 +629,10 @@ def test_a_store_of_an_earlier_version_keeps_its_records_and_seq(tmp_path: Path)
         assert store.transcripts() == [FileKey.transcript("planner")]
         with store.transaction() as tx:
             assert tx.get(FileKey.transcript("planner")) == b'{"v":1}'
+            assert tx.get_json("ended") == ended
+            assert tx.get_json("first_seen") == "2026-11-30T11:00:00Z"
+        assert store.meta("ended") is None
+        assert store.meta("first_seen") is None
         assert emit(store, "workflow_failed", failed("next")) == 8
         assert [q.seq for q in drain(store)] == [7, 8]
     finally:

@@ -242,3 +242,31 @@ def test_host_status_health_and_dead_letters_per_run(
     [row] = dead_letters(host_config, None, False)["dead_letters"]
     assert (row["seq"], row["adw_id"]) == (rejected.seq, "adw-0a1b2c3d")
     assert dead_letters(host_config, rejected.seq, False) == {"requeued": 1}
+
+
+def test_host_status_tells_how_each_run_ended(
+    host_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(host_config.storage.dir, None, "normal")
+    try:
+        for adw_id in ("55b761f6", "adw-0a1b2c3d"):
+            AdwWriter(host_config.watched / adw_id).state({"adw_id": adw_id, "end_time": None})
+            Pipeline(host_config.for_run(host_config.watched / adw_id), store).snapshot()
+        ending = AdwWriter(host_config.watched / "adw-0a1b2c3d")
+        ending.phases(["Plan"], "Build")
+        ending.state({"adw_id": "adw-0a1b2c3d", "end_time": "2026-11-30T12:00:00"})
+        run = Pipeline(host_config.for_run(host_config.watched / "adw-0a1b2c3d"), store)
+        run.process({PHASES, STATE})
+    finally:
+        store.close()
+
+    report = status_report(host_config)
+    # Each run ends on its own: the other run, and the agent's own status, have not ended.
+    assert report["runs"]["adw-0a1b2c3d"]["ended"] == {
+        "end_time": "2026-11-30T12:00:00",
+        "kind": "failed",
+    }
+    assert report["runs"]["55b761f6"]["ended"] is None
+    assert report["ended"] is None
+    print_status(report)
+    assert "ended failed at 2026-11-30T12:00:00" in capsys.readouterr().out

@@ -176,3 +176,38 @@ def test_a_run_another_agent_reports_is_left_to_it(host: Host) -> None:
     other.release()
     host.runs.rescan()
     assert set(host.runs.units) == {"55b761f6"}
+
+
+def test_every_run_shares_one_dedup_budget(host: Host) -> None:
+    """limits.dedup_total bounds the message ids remembered by the whole process."""
+    for n, adw_id in enumerate(("55b761f6", "0123abcd")):
+        run = host.run(adw_id)
+        run.state({**STATE, "adw_id": adw_id})
+        lines = [
+            orjson.dumps(
+                {
+                    "type": "assistant",
+                    "session_id": f"s{n}",
+                    "message": {
+                        "id": f"msg_{n}_{i}",
+                        "model": "claude-sonnet-4-5",
+                        "usage": {"input_tokens": 10, "output_tokens": 5},
+                        "content": [{"type": "text", "text": "hi"}],
+                    },
+                }
+            )
+            + b"\n"
+            for i in range(20)
+        ]
+        run.append("builder", *lines)
+        host.changed(run.transcript("builder"))
+    host.runs.step(1e9)
+    budget = host.runs.window_budget
+    remembered = [
+        unit.pipeline._transcripts[FileKey.transcript("builder")].ledger.remembered
+        for unit in host.runs.units.values()
+    ]
+    assert len(remembered) == 2
+    assert all(r > 0 for r in remembered)
+    # Both runs' ids are counted in the one budget.
+    assert budget.used == sum(remembered) == 40

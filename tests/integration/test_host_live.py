@@ -140,3 +140,51 @@ def test_dir_and_root_together_exit_78_with_one_line(tmp_path: Path, root: Path)
     [line] = result.stderr.strip().splitlines()
     assert "set exactly one of adw.dir" in line
     assert str(config) in line
+
+
+def test_root_from_the_environment_and_each_run_ends_on_its_own(
+    tmp_path: Path, root: Path, backend: Backend
+) -> None:
+    """As the host-mode container runs: the file names only the backend, the root and storage
+    come from the environment. One run fails while the other goes on; status tells which."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[backend]\nurl = "{backend.url}"\n[log]\nlevel = "debug"\n')
+    env = {
+        "ADW_AGENT_ADW__ROOT": str(root),
+        "ADW_AGENT_STORAGE__DIR": str(tmp_path / "storage"),
+    }
+    runs = {adw_id: AdwWriter(root / adw_id) for adw_id in ("55b761f6", "adw-0a1b2c3d")}
+    for adw_id, run in runs.items():
+        run.state({**STATE, "adw_id": adw_id})
+        run.phases(["Plan"], "Build")
+        gh = root / adw_id / ".gh-config"
+        gh.mkdir()
+        (gh / "hosts.yml").write_text("github.com:\n  oauth_token: gho_not_a_real_token\n")
+        (gh / "hosts.yml").chmod(0o600)
+    agent = AgentProcess(config, tmp_path / "agent.log", env=env)
+    agent.start().wait_started()
+    try:
+        backend.wait_for(
+            lambda evs: set(runs) <= {e["adw_id"] for e in evs if e["type"] == "phase_update"}
+        )
+        failing = runs["adw-0a1b2c3d"]
+        failing.state({**STATE, "adw_id": "adw-0a1b2c3d", "end_time": "2026-11-30T12:00:00"})
+        backend.wait_for(lambda evs: any(e["type"] == "workflow_failed" for e in evs))
+        status = run_cli("status", "--json", "--config", str(config), env=env)
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert isinstance(report["outbox_depth"], int)
+        assert report["runs"]["adw-0a1b2c3d"]["ended"]["kind"] == "failed"
+        assert report["runs"]["55b761f6"]["ended"] is None
+    finally:
+        assert agent.stop() == 0
+
+    [failed] = backend.events("workflow_failed")
+    assert failed["adw_id"] == "adw-0a1b2c3d"
+    for event in backend.events():
+        if event["type"] != "agent_status":
+            assert event["adw_id"] in runs
+            assert event["adw_id"] == event["data"].get("adw_id", event["adw_id"])
+    log = (tmp_path / "agent.log").read_text()
+    assert ".gh-config" not in log
+    assert "Traceback" not in log
