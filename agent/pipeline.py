@@ -256,12 +256,20 @@ class Pipeline:
         Logged only then: a batch that is rolled back (disk full) and retried must not report
         the same failure again and again."""
         for reason in self._failures:
-            log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
+            log.warning(
+                "workflow failed: %s",
+                reason,
+                extra={"event_type": "workflow_failed", "adw_id": self.adw_id},
+            )
         self._failures.clear()
         for end_time in self._completions:
             log.info(
                 "workflow completed",
-                extra={"event_type": "workflow_completed", "end_time": end_time},
+                extra={
+                    "event_type": "workflow_completed",
+                    "end_time": end_time,
+                    "adw_id": self.adw_id,
+                },
             )
         self._completions.clear()
 
