@@ -14,6 +14,7 @@ turns it back into the bytes on the file system.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,23 @@ class RunLayout:
             if not name.startswith(".") and safe_subdir(self.run_dir, name) is not None:
                 keys.add(FileKey.transcript(escape_name(name)))
         return keys
+
+
+#: What a run directory looked like: each present file's identity, size and modification time.
+Fingerprint = frozenset[tuple[FileKey, int, int, int]]
+
+
+def fingerprint(layout: RunLayout, known: Iterable[FileKey]) -> Fingerprint:
+    """A cheap picture of the run directory (one ``lstat`` per file, nothing read): equal
+    pictures mean nothing was written in between."""
+    seen: set[tuple[FileKey, int, int, int]] = set()
+    for key in layout.present() | set(known):
+        try:
+            st = os.lstat(layout.path(key))
+        except OSError:
+            continue
+        seen.add((key, st.st_ino, st.st_size, st.st_mtime_ns))
+    return frozenset(seen)
 
 
 def files_of(changes: Iterable[Change]) -> set[FileKey]:

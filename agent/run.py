@@ -23,7 +23,7 @@ from agent.claims import Claim
 from agent.config import Config
 from agent.errors import StorageError
 from agent.health import StoreHealth
-from agent.layout import RESCAN, Change, FileKey
+from agent.layout import RESCAN, Change, FileKey, Fingerprint, fingerprint
 from agent.outbox import Store
 from agent.pipeline import Outcome, Pipeline
 
@@ -80,6 +80,8 @@ class RunUnit:
         # Changes handled in the store's current group of batches, not yet committed.
         self._uncommitted: set[Change] = set()
         self._synced = False
+        # The run directory as last read in full (see rescan); None: read it at the next one.
+        self._fingerprint: Fingerprint | None = None
         #: This process's claim on the run directory, which also records its stream's epoch.
         self.claim = claim
         self._recorded = claim.recorded_epoch(self.adw_id) if claim is not None else None
@@ -165,10 +167,20 @@ class RunUnit:
                 extra={"keys": sorted(map(str, changes)), "adw_id": self.adw_id},
             )
             self.batcher.add(changes, wake=False)
+            self._fingerprint = None
             self._events.store_failed(exc)
             return
         self._uncommitted |= changes
         self._handle(changes, outcome, wrote=self._store.total_changes > before)
+
+    def rescan(self) -> None:
+        """Read every file again, unless nothing was written since the last time: a rescan is
+        for what the watcher missed, and an idle run must cost nothing."""
+        seen = fingerprint(self.pipeline.layout, self.retries)
+        if seen == self._fingerprint and not self.retries:
+            return
+        self._fingerprint = seen
+        self.process({RESCAN})
 
     def committed(self) -> None:
         """The group of batches this run's changes were in is committed."""
@@ -180,6 +192,7 @@ class RunUnit:
     def undo(self) -> None:
         """The group of batches was rolled back: read those changes again later."""
         self.pipeline.forget()
+        self._fingerprint = None
         if self._uncommitted:
             self.batcher.add(self._uncommitted, wake=False)
         self.sync_pending |= self._synced

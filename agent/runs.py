@@ -247,7 +247,7 @@ class Runs:
             for adw_id in self._dirs.scan():
                 if adw_id not in self.units and adw_id not in self.retired:
                     self._open_run(adw_id)
-        self._grouped(list(self.units.values()), lambda unit: unit.process({RESCAN}))
+        self._grouped(list(self.units.values()), RunUnit.rescan)
 
     def retire(self) -> None:
         """Host mode: drop the runs that ended and were delivered; forget deleted ones."""

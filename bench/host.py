@@ -10,7 +10,8 @@ changes for the idle window. Measured from /proc and the receiver:
 - write → arrival latency of every state write and transcript line (median, p99);
 - host mode only: a new run directory appearing → its first event arriving.
 
-Run: ``python -m bench.host [--sizes 15,50] [--load 60] [--idle 30] [--out FILE]``.
+Run: ``python -m bench.host [--sizes 15,50] [--load 60] [--idle 30] [--modes worktree,host]
+[--out FILE]``.
 """
 
 from __future__ import annotations
@@ -229,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="15,50")
     p.add_argument("--load", type=float, default=60.0, help="seconds of load")
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idle after the load")
+    p.add_argument("--modes", default="worktree,host", help="which of worktree,host to run")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     results: dict[str, Any] = {"machine": machine(), "load_s": args.load, "idle_s": args.idle}
     with tempfile.TemporaryDirectory(prefix="adw-bench-host-") as tmp:
         for count in sizes:
-            for host in (False, True):
+            for host in [mode == "host" for mode in args.modes.split(",")]:
                 name = f"{'host' if host else 'worktree'}_{count}"
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 results[name] = run_one(Path(tmp), count, host, args.load, args.idle)

@@ -7,6 +7,7 @@ tests/integration/test_host_live.py.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +212,38 @@ def test_every_run_shares_one_dedup_budget(host: Host) -> None:
     assert all(r > 0 for r in remembered)
     # Both runs' ids are counted in the one budget.
     assert budget.used == sum(remembered) == 40
+
+
+def test_a_rescan_reads_only_runs_whose_files_changed(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = host.run("55b761f6")
+    run.state({**STATE, "adw_id": "55b761f6"})
+    host.runs.sync()
+    host.deliver()
+    path = run.run_dir / "adw_state.json"
+    # Written while the watcher missed it: the rescan finds it.
+    run.state({**STATE, "adw_id": "55b761f6", "branch_name": "missed"})
+    host.runs.rescan()
+    [update] = [e for e in host.queued() if e["type"] == "workflow_update"]
+    assert update["data"]["branch_name"] == "missed"
+    host.deliver()
+    # A saved state that no longer loads makes every read of the file warn: it shows reads.
+    host.store.db.execute(
+        "UPDATE files SET value = X'00' WHERE adw_id = '55b761f6' AND key = 'state'"
+    )
+
+    def reads() -> int:
+        # Warnings about the state file itself (the ending step, which reads the saved state
+        # too, warns under the store's path).
+        return sum(
+            "unexpected error" in r.getMessage() and getattr(r, "path", None) == str(path)
+            for r in caplog.records
+        )
+
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        host.runs.rescan()  # nothing written since the last rescan: nothing read
+        assert reads() == 0
+        path.write_text(path.read_text().replace("missed", "seen"))
+        host.runs.rescan()  # written again: read again
+        assert reads() == 1
