@@ -194,6 +194,18 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover_store(args: argparse.Namespace) -> int:
+    from agent.outbox import recover_store  # noqa: PLC0415
+
+    config = _config(args, check=False)
+    moved = recover_store(config.storage.dir)
+    if moved is None:
+        print(f"no store in {config.storage.dir}: nothing to recover")
+    else:
+        print(f"moved the store to {moved}; the next start begins a new one, with new epochs")
+    return 0
+
+
 def _print_dead(result: dict[str, Any]) -> None:
     rows = result["dead_letters"]
     if not rows:
@@ -202,8 +214,8 @@ def _print_dead(result: dict[str, Any]) -> None:
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["failed_at"]))
         print(
-            f"seq {row['seq']:<6} {row['type']:<16} {row['status']}  {when}Z  "
-            f"{row['response'][:80]}"
+            f"seq {row['seq']:<6} {row['adw_id']:<14} {row['type']:<16} {row['status']}  "
+            f"{when}Z  {row['response'][:80]}"
         )
 
 
@@ -286,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--all", action="store_true", help="requeue every dead letter")
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(func=cmd_dead_letters)
+    with_config(
+        "recover-store", "move a damaged store aside; the next start begins a new one"
+    ).set_defaults(func=cmd_recover_store)
     return p
 
 

@@ -53,12 +53,22 @@ class _Section(BaseModel):
 
 
 class AdwSection(_Section):
-    """The ADW run directory this agent reports on."""
+    """What the agent reports on: one run directory (``dir``), or every run directory under a
+    root (``root``, host mode). Exactly one of the two."""
 
-    dir: Path
+    dir: Path | None = None
+    root: Path | None = None
     id: str | None = Field(
-        default=None, description="ADW id; defaults to the run directory's name."
+        default=None,
+        description="ADW id; defaults to the run directory's name. In host mode, the name the "
+        "agent's own status is sent under (default 'host'): each run keeps its directory's name.",
     )
+
+    @model_validator(mode="after")
+    def _one_of_dir_and_root(self) -> AdwSection:
+        if (self.dir is None) == (self.root is None):
+            raise ValueError("set exactly one of adw.dir (one run) and adw.root (host mode)")
+        return self
 
     @field_validator("id")
     @classmethod
@@ -122,6 +132,12 @@ class StorageSection(_Section):
     synchronous: Literal["full", "normal"] = Field(
         default="full",
         description="'full' survives power loss; 'normal' only process crashes, and is faster.",
+    )
+    lock_dir: Path | None = Field(
+        default=None,
+        description="Host-wide directory of claims, one per watched run directory, so that two "
+        "agents never report one run. Default /run/adw-agent, or adw-agent-<uid> in the "
+        "temporary directory where /run/adw-agent cannot be created.",
     )
 
 
@@ -221,7 +237,31 @@ class Config(_Section):
 
     @property
     def adw_id(self) -> str:
-        return self.adw.id or self.adw.dir.name
+        """The ADW this configuration is about; in host mode, the name of the agent's status."""
+        if self.adw.id:
+            return self.adw.id
+        return self.adw.dir.name if self.adw.dir is not None else "host"
+
+    @property
+    def host_mode(self) -> bool:
+        return self.adw.root is not None
+
+    @property
+    def run_dir(self) -> Path:
+        """The one run directory (not in host mode: see :meth:`for_run`)."""
+        if self.adw.dir is None:
+            raise RuntimeError("a host-mode configuration has no single run directory")
+        return self.adw.dir
+
+    @property
+    def watched(self) -> Path:
+        """The directory the agent watches: the run directory, or the root."""
+        return self.adw.root or self.run_dir
+
+    def for_run(self, run_dir: Path) -> Config:
+        """This configuration for one run directory under the root."""
+        adw = AdwSection.model_construct(dir=run_dir, root=None, id=None)
+        return self.model_copy(update={"adw": adw})
 
     def token_file_problem(self) -> str | None:
         """A warning when ``backend.token_file`` can be read or written by other users (as ssh
@@ -408,7 +448,9 @@ def _validate(data: dict[str, Any]) -> Config:
     # path-typed keys first so that strictness applies to everything else.
     for section, key in (
         ("adw", "dir"),
+        ("adw", "root"),
         ("storage", "dir"),
+        ("storage", "lock_dir"),
         ("backend", "token_file"),
         ("backend", "ca_bundle"),
     ):
@@ -424,17 +466,18 @@ def preflight(config: Config) -> None:
     """Check what validation cannot: the run directory is readable, storage is writable,
     the CA bundle exists. Raises :class:`ConfigError` naming the key and the file."""
     where = f"{config.source}: " if config.source else ""
-    run_dir = config.adw.dir
+    run_dir = config.watched
+    key = "adw.root" if config.host_mode else "adw.dir"
     if run_dir.is_symlink():
         # The agent opens nothing through a symlink, so it would read nothing there.
         raise ConfigError(
-            f"{where}adw.dir: {run_dir} is a symlink; the agent does not follow symlinks, "
+            f"{where}{key}: {run_dir} is a symlink; the agent does not follow symlinks, "
             "set it to the real directory"
         )
     if not run_dir.is_dir():
-        raise ConfigError(f"{where}adw.dir: {run_dir} is not a directory")
+        raise ConfigError(f"{where}{key}: {run_dir} is not a directory")
     if not os.access(run_dir, os.R_OK | os.X_OK):
-        raise ConfigError(f"{where}adw.dir: {run_dir} is not readable")
+        raise ConfigError(f"{where}{key}: {run_dir} is not readable")
     if not _is_safe_name(config.adw_id):
         raise ConfigError(f"{where}adw.id: {config.adw_id!r} is not a safe file name; set adw.id")
     storage = config.storage.dir
@@ -446,7 +489,7 @@ def preflight(config: Config) -> None:
         raise ConfigError(f"{where}storage.dir: {storage} is not writable")
     if _inside(storage, run_dir):
         raise ConfigError(
-            f"{where}storage.dir: must not be inside adw.dir (the agent never writes there)"
+            f"{where}storage.dir: must not be inside {key} (the agent never writes there)"
         )
     bundle = config.backend.ca_bundle
     if bundle is not None and not bundle.is_file():

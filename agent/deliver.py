@@ -324,14 +324,14 @@ class Sender:
                 log.exception("unexpected error in the sender; trying again", extra=extra)
                 await self._pause(STORAGE_RETRY)
 
-    async def send_direct(self, event_type: str, data: dict[str, Any]) -> bool:
+    async def send_direct(self, event_type: str, data: dict[str, Any], *, adw_id: str) -> bool:
         """POST one event that could not be queued because the store cannot be written.
 
         Best effort: one attempt, never re-sent. It carries ``seq`` 0, outside the ADW's
         sequence, so it cannot reorder or be mistaken for a queued event. Returns whether the
         backend accepted it.
         """
-        body = envelope(event_type, self._store.adw_id, 0, "event", check_data(event_type, data))
+        body = envelope(event_type, adw_id, 0, "event", check_data(event_type, data))
         event = Queued(0, body["event_id"], event_type, time.time(), 0, orjson.dumps(body))
         try:
             await self._post(event)

@@ -4,6 +4,8 @@
 
     AgentError
     ├── ConfigError          bad configuration; the CLI exits 78 (EX_CONFIG) with one line
+    │   └── DamagedStore     the store under storage.dir is corrupt: 78 too, naming the file
+    │                        and ``adw-agent recover-store`` (restarting would not help)
     ├── StorageError         the durable store cannot be written (disk full, read-only, locked);
     │                        nothing is acknowledged, the change is read again later
     ├── ReadError            a run-directory file is unreadable or malformed right now;
@@ -33,6 +35,10 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration is invalid. ``str()`` is the one line shown to the user."""
+
+
+class DamagedStore(ConfigError):
+    """The store's database file is corrupt or not a database at all."""
 
 
 class StorageError(AgentError):

@@ -174,15 +174,23 @@ def utc_now() -> str:
 
 
 def envelope(
-    event_type: str, adw_id: str, seq: int, source: Source, data: dict[str, Any]
+    event_type: str,
+    adw_id: str,
+    seq: int,
+    source: Source,
+    data: dict[str, Any],
+    *,
+    epoch: int = 0,
 ) -> dict[str, Any]:
     """A new event: the :class:`Event` envelope around ``data`` (already checked with
-    :func:`check_data`), with a fresh ``event_id`` and the current time."""
+    :func:`check_data`), with a fresh ``event_id`` and the current time. ``epoch`` names the
+    stream ``seq`` belongs to (0 outside any stream: a status sent directly)."""
     return {
         "type": event_type,
         "event_id": str(uuid.uuid4()),
         "adw_id": adw_id,
         "seq": seq,
+        "epoch": epoch,
         "timestamp": utc_now(),
         "source": source,
         "data": data,

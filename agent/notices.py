@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 #: Files whose warnings are remembered; names come from the run directory.
@@ -45,13 +45,13 @@ class FileWarnings:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = log
-        self._files: dict[str, _File] = {}
+        self._files: dict[Hashable, _File] = {}
         self._limit = limit
         self._burst = burst
         self._window = window
         self._clock = clock
 
-    def _file(self, file: str) -> _File:
+    def _file(self, file: Hashable) -> _File:
         entry = self._files.get(file)
         if entry is None:
             if len(self._files) >= self._limit:
@@ -59,7 +59,7 @@ class FileWarnings:
             entry = self._files[file] = _File()
         return entry
 
-    def warn(self, file: str, problem: str, message: str, *args: object, path: str) -> None:
+    def warn(self, file: Hashable, problem: str, message: str, *args: object, path: str) -> None:
         entry = self._file(file)
         if problem in entry.problems:
             return
@@ -79,16 +79,16 @@ class FileWarnings:
             entry.held_back = 0
         self._log.warning(message, *args, extra=extra)
 
-    def ok(self, file: str) -> None:
+    def ok(self, file: Hashable) -> None:
         """The file read fine: its problems may be warned about again (rate permitting)."""
         entry = self._files.get(file)
         if entry is not None:
             entry.problems.clear()
 
-    def problems(self, file: str) -> set[str] | None:
+    def problems(self, file: Hashable) -> set[str] | None:
         entry = self._files.get(file)
         return None if entry is None or not entry.problems else set(entry.problems)
 
-    def restore(self, file: str, problems: set[str] | None) -> None:
+    def restore(self, file: Hashable, problems: set[str] | None) -> None:
         entry = self._file(file)
         entry.problems = set(problems) if problems else set()

@@ -24,8 +24,14 @@ from typing import Any, Literal
 
 import orjson
 
-from agent.errors import ConfigError, StorageError
-from agent.events import COALESCIBLE, Source, check_data, envelope
+from agent.errors import ConfigError, DamagedStore, StorageError
+from agent.events import COALESCIBLE, EventType, Source, check_data, envelope
+from agent.layout import FileKey
+
+#: What the store keeps per run besides the outbox: what was read of each file, and the cost
+#: reported so far, whether a failure was reported, how the run ended and when it was first
+#: seen (the pipeline's own records).
+Record = FileKey | Literal["cost", "failure_reported", "ended", "first_seen"]
 
 DB_NAME = "agent.sqlite3"
 LOCK_NAME = "agent.lock"
@@ -34,7 +40,11 @@ STORAGE_RETRY = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS streams (
+    adw_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL UNIQUE,
@@ -57,6 +67,20 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
+# What was read of each file, per ADW. Stores of earlier versions kept one ADW's rows in a
+# table keyed by file alone: they are moved under that ADW when first opened.
+_FILES = """
+CREATE TABLE IF NOT EXISTS files (
+    adw_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (adw_id, key)
+) WITHOUT ROWID;
+"""
+#: The owner recorded by a store that holds every ADW under a root (host mode).
+HOST_OWNER = "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Queued:
     """One event waiting in the outbox."""
@@ -76,60 +100,99 @@ def _storage_error(exc: sqlite3.Error) -> StorageError:
 class Transaction:
     """Reads and writes inside one SQLite transaction; see :meth:`Store.transaction`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, adw_id: str | None) -> None:
         self._store = store
         self._db = store.db
+        #: The ADW whose records and stream this transaction reads and writes.
+        self.adw_id = adw_id
         self.emitted: list[int] = []
 
-    def get(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT value FROM files WHERE key = ?", (key,)).fetchone()
+    def _adw(self) -> str:
+        if self.adw_id is None:
+            raise RuntimeError("a transaction for no ADW has no records and no stream")
+        return self.adw_id
+
+    def get(self, key: Record) -> bytes | None:
+        row = self._db.execute(
+            "SELECT value FROM files WHERE adw_id = ? AND key = ?", (self._adw(), str(key))
+        ).fetchone()
         return None if row is None else bytes(row[0])
 
-    def get_json(self, key: str) -> Any:
+    def get_json(self, key: Record) -> Any:
         raw = self.get(key)
         return None if raw is None else orjson.loads(raw)
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: Record, value: bytes) -> None:
         self._db.execute(
-            "INSERT INTO files (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
+            "INSERT INTO files (adw_id, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (adw_id, key) DO UPDATE SET value = excluded.value",
+            (self._adw(), str(key), value),
         )
 
-    def put_json(self, key: str, value: Any) -> None:
+    def put_json(self, key: Record, value: Any) -> None:
         self.put(key, orjson.dumps(value))
 
-    def delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM files WHERE key = ?", (key,))
+    def delete(self, key: Record) -> None:
+        self._db.execute("DELETE FROM files WHERE adw_id = ? AND key = ?", (self._adw(), str(key)))
 
-    def emit(self, event_type: str, data: dict[str, Any], source: Source = "event") -> int:
+    def transcripts(self) -> list[FileKey]:
+        """Every transcript the store holds a record of for this ADW, in name order."""
+        return _transcript_keys(self._db, self._adw())
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo only what happens inside when it raises; the transaction goes on.
+
+        A failure of the store itself is not undone here: it becomes a
+        :class:`~agent.errors.StorageError`, and the whole transaction rolls back.
+        """
+        self._db.execute("SAVEPOINT isolated")
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        except StorageError:
+            raise
+        except BaseException:
+            self._db.execute("ROLLBACK TO isolated")
+            self._db.execute("RELEASE isolated")
+            raise
+        self._db.execute("RELEASE isolated")
+
+    def emit(self, event_type: EventType, data: dict[str, Any], source: Source = "event") -> int:
         """Queue an event; returns its seq. ``data`` is validated against its model."""
+        adw_id = self._adw()
         data = check_data(event_type, data)
         if event_type in COALESCIBLE:
             data = self._coalesce(event_type, data)
-        seq = self._next_seq()
-        event = envelope(event_type, self._store.adw_id, seq, source, data)
+        epoch, seq = self._store._next_in_stream(adw_id)
+        position = self._next_position()
+        event = envelope(event_type, adw_id, seq, source, data, epoch=epoch)
         self._db.execute(
-            "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
-            (seq, event["event_id"], event_type, time.time(), orjson.dumps(event)),
+            "INSERT INTO outbox (seq, event_id, type, created, body, adw_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (position, event["event_id"], event_type, time.time(), orjson.dumps(event), adw_id),
         )
-        self.emitted.append(seq)
+        self.emitted.append(position)
         return seq
 
     def set_meta(self, key: str, value: Any) -> None:
         """Set a meta value (JSON) as part of this transaction."""
         _put_meta(self._db, key, value)
 
-    def _next_seq(self) -> int:
+    def _next_position(self) -> int:
+        """The event's place in the outbox, across every ADW (the outbox's own ``seq``; with one
+        ADW per store it equals the event's seq)."""
         seq = int(read_meta(self._db, "seq") or 0) + 1
         # Stored as JSON like every other meta value, so that read_meta() can show it.
         _put_meta(self._db, "seq", seq)
         return seq
 
-    def _coalesce(self, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    def _coalesce(self, event_type: EventType, data: dict[str, Any]) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
-            (event_type, self._store.sent_floor),
+            "SELECT seq, body FROM outbox WHERE type = ? AND seq > ? AND adw_id IS ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (event_type, self._store.sent_floor, self.adw_id),
         ).fetchone()
         if row is None:
             return data
@@ -174,7 +237,11 @@ def lock_storage(directory: Path) -> int:
 class Store:
     """The SQLite database of one agent. Not thread-safe: use it from the event loop only."""
 
-    def __init__(self, directory: Path, adw_id: str, synchronous: Literal["full", "normal"]):
+    def __init__(
+        self, directory: Path, adw_id: str | None, synchronous: Literal["full", "normal"]
+    ) -> None:
+        """Open (or create) the store. ``adw_id`` is the one ADW it holds, or None for a store
+        that holds every ADW under a root (host mode)."""
         self.path = directory / DB_NAME
         self.adw_id = adw_id
         self._synchronous = synchronous.upper()
@@ -184,18 +251,21 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the store at {self.path}: {exc}") from None
         try:
+            _check_intact(self.db, self.path)
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.executescript(_SCHEMA)
+            wanted = HOST_OWNER if adw_id is None else adw_id
             owner = self.meta("adw_id")
             if owner is None:
-                self.set_meta("adw_id", adw_id)
-            elif owner != adw_id:
+                self.set_meta("adw_id", wanted)
+            elif owner != wanted:
                 raise ConfigError(
-                    f"storage.dir: {directory} holds the state of ADW {owner!r}, not "
-                    f"{adw_id!r}; give each agent its own storage.dir"
+                    f"storage.dir: {directory} holds the state of {_owner(owner)}, not "
+                    f"{_owner(wanted).removeprefix('ADW ')}; give each agent its own storage.dir"
                 )
+            _migrate(self.db, wanted)
             row = self.db.execute("SELECT MAX(seq) FROM outbox").fetchone()
         except (sqlite3.Error, OSError) as exc:
             self.close()
@@ -220,16 +290,110 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
 
+    def transcripts(self, adw_id: str | None = None) -> list[FileKey]:
+        """Every transcript the store holds a record of for an ADW, in name order."""
+        try:
+            return _transcript_keys(self.db, adw_id or self.adw_id or "")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+
+    def _next_in_stream(self, adw_id: str) -> tuple[int, int]:
+        """The epoch of the ADW's stream and the next seq in it (inside a transaction).
+
+        A stream is created with the first event of its ADW in this store. Its epoch is the
+        time in milliseconds, and larger than any epoch this store gave before, so that a
+        receiver can tell a new stream (a lost or reset store) from an old one.
+        """
+        row = self.db.execute(
+            "SELECT epoch, seq FROM streams WHERE adw_id = ?", (adw_id,)
+        ).fetchone()
+        if row is None:
+            epoch = max(time.time_ns() // 1_000_000, int(self.meta("epoch_floor") or 0) + 1)
+            _put_meta(self.db, "epoch_floor", epoch)
+            self.db.execute(
+                "INSERT INTO streams (adw_id, epoch, seq) VALUES (?, ?, 1)", (adw_id, epoch)
+            )
+            return epoch, 1
+        epoch, seq = int(row[0]), int(row[1]) + 1
+        self.db.execute("UPDATE streams SET seq = ? WHERE adw_id = ?", (seq, adw_id))
+        return epoch, seq
+
+    def stream_replaced(self, adw_id: str, reported: int, found: int | None) -> None:
+        """The ADW's events were reported under epoch ``reported``, which this store does not
+        hold (it holds ``found``, or none): start its stream again, with a larger epoch than
+        ``reported``, and keep a note of it for ``status``."""
+        try:
+            with self.transaction():
+                floor = int(self.meta("epoch_floor") or 0)
+                _put_meta(self.db, "epoch_floor", max(floor, reported))
+                self.db.execute("DELETE FROM streams WHERE adw_id = ?", (adw_id,))
+                _put_meta(
+                    self.db,
+                    f"replaced:{adw_id}",
+                    {"at": time.time(), "reported_epoch": reported, "store_epoch": found},
+                )
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+
+    def epoch(self, adw_id: str | None = None) -> int | None:
+        """The epoch of an ADW's stream, or None before its first event."""
+        try:
+            return stream_epoch(self.db, adw_id or self.adw_id or "")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+
+    @property
+    def in_transaction(self) -> bool:
+        """Inside a transaction (a group of batches, see :meth:`group`)."""
+        return self.db.in_transaction
+
+    @property
+    def total_changes(self) -> int:
+        """Rows changed through this connection so far: whether a batch wrote anything."""
+        return self.db.total_changes
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """All reads and writes inside commit together or not at all."""
+    def transaction(self, adw_id: str | None = None) -> Iterator[Transaction]:
+        """All reads and writes inside commit together or not at all. The records and events
+        are those of ``adw_id`` (by default the store's one ADW).
+
+        Inside a :meth:`group`, it is a savepoint of the group's transaction: undone alone if
+        it fails, and committed with the group.
+        """
+        tx = Transaction(self, adw_id or self.adw_id)
+        if self.db.in_transaction:
+            try:
+                self.db.execute("SAVEPOINT grouped")
+            except sqlite3.Error as exc:
+                raise _storage_error(exc) from None
+            try:
+                yield tx
+                self.db.execute("RELEASE grouped")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK TO grouped")
+                    self.db.execute("RELEASE grouped")
+                if isinstance(exc, sqlite3.Error):
+                    raise _storage_error(exc) from None
+                raise
+            return
+        with self.group():
+            yield tx
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """One transaction for several batches (of one or many ADWs): one commit, and one
+        wait for the disk, for all of them. Inside another group, a savepoint of it."""
+        if self.db.in_transaction:
+            with self.transaction():
+                yield
+            return
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
-        tx = Transaction(self)
         try:
-            yield tx
+            yield
             self.db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -315,12 +479,29 @@ class Store:
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
 
-    def depth(self) -> int:
-        """How many events are queued. Unlike :meth:`head`, this changes nothing."""
+    def depth(self, adw_id: str | None = None) -> int:
+        """How many events are queued (of one ADW, or in all). Unlike :meth:`head`, this
+        changes nothing."""
         try:
-            return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            if adw_id is None:
+                row = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            else:
+                row = self.db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE adw_id = ?", (adw_id,)
+                ).fetchone()
+            return int(row[0])
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the outbox in {self.path}: {exc}") from None
+
+    def record(self, adw_id: str, key: Record) -> Any:
+        """A record of one ADW (JSON), outside any transaction; None if there is none."""
+        try:
+            row = self.db.execute(
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?", (adw_id, str(key))
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
+        return None if row is None else orjson.loads(row[0])
 
     def ack(self, seq: int) -> None:
         """The backend accepted the event: it leaves the outbox.
@@ -357,11 +538,10 @@ class Store:
     def dead_letter(self, event: Queued, status: int | None, response: str) -> None:
         """Move a rejected event out of the outbox, keeping the backend's answer."""
         with self.transaction() as tx:
-            self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
             self.db.execute(
                 "INSERT OR REPLACE INTO dead_letters "
-                "(seq, event_id, type, created, failed_at, status, response, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "(seq, event_id, type, created, failed_at, status, response, body, adw_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT adw_id FROM outbox WHERE seq = ?))",
                 (
                     event.seq,
                     event.event_id,
@@ -371,8 +551,10 @@ class Store:
                     status,
                     response,
                     event.body,
+                    event.seq,
                 ),
             )
+            self.db.execute("DELETE FROM outbox WHERE seq = ?", (event.seq,))
             tx.set_meta(
                 "last_delivery",
                 {"at": time.time(), "result": f"dead-lettered ({status})", "seq": event.seq},
@@ -389,15 +571,15 @@ class Store:
         where, args = ("WHERE seq = ?", (seq,)) if seq is not None else ("", ())
         with self.transaction():
             rows = self.db.execute(
-                f"SELECT seq, event_id, type, created, body FROM dead_letters {where} "  # noqa: S608
+                f"SELECT seq, event_id, type, created, body, adw_id FROM dead_letters {where} "  # noqa: S608
                 "ORDER BY seq",
                 args,
             ).fetchall()
             for row in rows:
                 try:
                     self.db.execute(
-                        "INSERT INTO outbox (seq, event_id, type, created, body) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO outbox (seq, event_id, type, created, body, adw_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
                         row,
                     )
                 except sqlite3.IntegrityError:
@@ -410,6 +592,237 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         return outbox_stats(self.db)
+
+
+class StoreView:
+    """A read-only look at a store, for the operator commands: it never changes what a running
+    agent sees. Every SQLite failure becomes a :class:`~agent.errors.StorageError`."""
+
+    def __init__(self, directory: Path, adw_id: str) -> None:
+        self.directory = directory
+        self.adw_id = adw_id
+        try:
+            self._db = Store.inspect(directory)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.Error) -> StorageError:
+        return StorageError(f"cannot read the agent store in {self.directory}: {exc}")
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def __enter__(self) -> StoreView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return outbox_stats(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def meta(self, key: str) -> Any:
+        try:
+            return read_meta(self._db, key)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        try:
+            return dead_letter_rows(self._db)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def record(self, key: Record, *, adw_id: str | None = None) -> bytes | None:
+        try:
+            row = self._db.execute(
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?",
+                (adw_id or self.adw_id, str(key)),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        return None if row is None else bytes(row[0])
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """Per ADW: its stream (epoch, last seq), queued events, the age of the oldest, and
+        dead letters. Every ADW with a stream, queued events or dead letters is listed."""
+        now = time.time()
+        try:
+            streams = self._db.execute("SELECT adw_id, epoch, seq FROM streams").fetchall()
+            queued = self._db.execute(
+                "SELECT adw_id, COUNT(*), MIN(created) FROM outbox GROUP BY adw_id"
+            ).fetchall()
+            dead = self._db.execute(
+                "SELECT adw_id, COUNT(*) FROM dead_letters GROUP BY adw_id"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        runs: dict[str, dict[str, Any]] = {}
+
+        def run(adw_id: str | None) -> dict[str, Any]:
+            return runs.setdefault(
+                str(adw_id),
+                {
+                    "epoch": None,
+                    "seq": 0,
+                    "outbox_depth": 0,
+                    "oldest_undelivered_age": None,
+                    "dead_letters": 0,
+                },
+            )
+
+        for adw_id, epoch, seq in streams:
+            run(adw_id).update(epoch=int(epoch), seq=int(seq))
+        for adw_id, count, oldest in queued:
+            run(adw_id).update(
+                outbox_depth=int(count), oldest_undelivered_age=round(now - float(oldest), 3)
+            )
+        for adw_id, count in dead:
+            run(adw_id)["dead_letters"] = int(count)
+        return dict(sorted(runs.items()))
+
+    def stream(self) -> dict[str, int] | None:
+        """The ADW's stream: its epoch and last seq; None before its first event."""
+        try:
+            row = self._db.execute(
+                "SELECT epoch, seq FROM streams WHERE adw_id = ?", (self.adw_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        return None if row is None else {"epoch": int(row[0]), "seq": int(row[1])}
+
+    def transcript_records(self) -> list[tuple[FileKey, bytes]]:
+        """Every transcript's saved record, in name order."""
+        try:
+            keys = _transcript_keys(self._db, self.adw_id)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        out: list[tuple[FileKey, bytes]] = []
+        for key in keys:
+            value = self.record(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+
+# SQLite's answers for a file that is damaged, or not a database at all.
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def _check_intact(db: sqlite3.Connection, path: Path) -> None:
+    """Raise :class:`DamagedStore` for a corrupt store: restarting cannot help, recovering can.
+
+    ``quick_check`` reads every page once (milliseconds for a store of a few MB)."""
+    try:
+        rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
+            raise
+        problem = str(exc)
+    else:
+        if rows == [("ok",)]:
+            return
+        problem = str(rows[0][0]) if rows else "quick_check found a problem"
+    raise DamagedStore(
+        f"storage.dir: the store {path} is damaged ({problem}); move it aside and start a new "
+        "one with: adw-agent recover-store --config <this config>"
+    )
+
+
+def recover_store(directory: Path) -> Path | None:
+    """Move a damaged store aside, with its WAL, so that the next start begins a new store.
+
+    Refused while an agent holds ``storage.dir``. Returns where the store went, or None if
+    there was none. The new store starts new streams with larger epochs, and the agent says
+    so when it finds the directory's events were reported under an earlier one.
+    """
+    fd = lock_storage(directory)
+    try:
+        path = directory / DB_NAME
+        if not path.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = directory / f"{DB_NAME}.damaged-{stamp}"
+        for suffix in ("-wal", "-shm", ""):
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.rename(Path(f"{target}{suffix}"))
+        return target
+    finally:
+        os.close(fd)
+
+
+def _transcript_keys(db: sqlite3.Connection, adw_id: str) -> list[FileKey]:
+    rows = db.execute(
+        "SELECT key FROM files WHERE adw_id = ? AND key LIKE 'transcript:%' ORDER BY key",
+        (adw_id,),
+    ).fetchall()
+    return [FileKey.parse(str(row[0])) for row in rows]
+
+
+def stream_epoch(db: sqlite3.Connection, adw_id: str) -> int | None:
+    row = db.execute("SELECT epoch FROM streams WHERE adw_id = ?", (adw_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _owner(owner: str) -> str:
+    return "every ADW under a root" if owner == HOST_OWNER else f"ADW {owner!r}"
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate(db: sqlite3.Connection, owner: str) -> None:
+    """Bring a store written by an earlier version up to date, in one transaction.
+
+    Earlier stores held one ADW: their records move under it, their events are its events,
+    and its stream continues their seq (under a new epoch: the stream is new to this store).
+    """
+    files = _columns(db, "files")
+    outbox = _columns(db, "outbox")
+    dead = _columns(db, "dead_letters")
+    if files and "adw_id" in files and "adw_id" in outbox and "adw_id" in dead:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if files and "adw_id" not in files:
+            db.execute("ALTER TABLE files RENAME TO files_v1")
+            db.execute(_FILES)
+            db.execute("INSERT INTO files SELECT ?, key, value FROM files_v1", (owner,))
+            db.execute("DROP TABLE files_v1")
+            # How the one run ended and when it was first seen were kept as meta: they are
+            # records of that run now.
+            for key in ("ended", "first_seen"):
+                value = read_meta(db, key)
+                if value is not None and owner != HOST_OWNER:
+                    db.execute(
+                        "INSERT OR REPLACE INTO files (adw_id, key, value) VALUES (?, ?, ?)",
+                        (owner, key, orjson.dumps(value)),
+                    )
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        elif not files:
+            db.execute(_FILES)
+        for table, columns in (("outbox", outbox), ("dead_letters", dead)):
+            if "adw_id" not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN adw_id TEXT")
+                db.execute(f"UPDATE {table} SET adw_id = ?", (owner,))  # noqa: S608
+        seq = read_meta(db, "seq")
+        if seq and owner != HOST_OWNER:
+            epoch = time.time_ns() // 1_000_000
+            db.execute(
+                "INSERT OR IGNORE INTO streams (adw_id, epoch, seq) VALUES (?, ?, ?)",
+                (owner, epoch, int(seq)),
+            )
+            _put_meta(db, "epoch_floor", epoch)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:
@@ -428,9 +841,10 @@ def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:
 
 def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
     rows = db.execute(
-        "SELECT seq, event_id, type, failed_at, status, response FROM dead_letters ORDER BY seq"
+        "SELECT seq, adw_id, event_id, type, failed_at, status, response FROM dead_letters "
+        "ORDER BY seq"
     ).fetchall()
-    keys = ("seq", "event_id", "type", "failed_at", "status", "response")
+    keys = ("seq", "adw_id", "event_id", "type", "failed_at", "status", "response")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 

@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -60,21 +59,10 @@ from agent.account import (
 from agent.config import Config
 from agent.errors import ReadError, StorageError
 from agent.events import Source, utc_now
+from agent.layout import ERRORLOG, PHASES, RESCAN, STATE, Change, FileKey, RunLayout
 from agent.notices import FileWarnings
-from agent.outbox import Store, Transaction, read_meta
-from agent.read import (
-    ERROR_LOG,
-    PHASES_FILE,
-    STATE_FILE,
-    TRANSCRIPT,
-    escape_name,
-    latest_failure_tail,
-    read_phases,
-    read_state,
-    read_tail,
-    safe_subdir,
-    unescape_name,
-)
+from agent.outbox import Store, Transaction
+from agent.read import latest_failure_tail, read_phases, read_state, read_tail
 from agent.transcript import Position, TranscriptError, TranscriptReader
 
 log = logging.getLogger("adw_agent.pipeline")
@@ -84,9 +72,10 @@ _READ_BUDGET = 8 << 20
 #: Bounds on the run-wide breakdowns, whose keys come from files (see account.fold_key).
 _MAX_MODELS = 32
 _MAX_PHASES = 64
-_FILES = {"state": STATE_FILE, "phases": PHASES_FILE, "errorlog": ERROR_LOG}
 _MISSING = object()
 _T = TypeVar("_T")
+#: What one isolated step of a batch handles: one file, the run's cost, or how it ended.
+Step = FileKey | Literal["cost", "ending"]
 
 
 @dataclass
@@ -101,8 +90,8 @@ class Outcome:
     """What one batch did: events queued, and paths to look at again soon."""
 
     emitted: int = 0
-    retry: set[str] = field(default_factory=set)
-    more: set[str] = field(default_factory=set)
+    retry: set[FileKey] = field(default_factory=set)
+    more: set[FileKey] = field(default_factory=set)
 
 
 @dataclass
@@ -111,6 +100,8 @@ class _Batch:
     source: Source
     outcome: Outcome = field(default_factory=Outcome)
     cost_changed: bool = False
+    #: Transcript bytes this batch may still read (None: no bound over the batch).
+    budget: int | None = None
 
 
 def _phase_update(
@@ -129,21 +120,45 @@ def _phase_update(
     }
 
 
+def run_ended(store: Store, adw_id: str) -> bool:
+    """Whether the run's workflow has ended, as last recorded: an ``end_time`` in its state, or
+    a failure reported."""
+    if store.record(adw_id, "failure_reported"):
+        return True
+    state = store.record(adw_id, STATE)
+    return isinstance(state, dict) and bool(state.get("end_time"))
+
+
 class Pipeline:
     """Reads the files of one run directory and queues the events their changes mean."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        read_budget: int | None = None,
+        window_budget: WindowBudget | None = None,
+    ) -> None:
         self.config = config
         self.store = store
-        self.run_dir = config.adw.dir
+        self.adw_id = config.adw_id
+        self.run_dir = config.run_dir
+        self.layout = RunLayout(self.run_dir)
+        #: Bytes of transcript read per batch at most, over all of this run's transcripts
+        #: (None: the module's default, per transcript). Host mode bounds it per run, so that
+        #: one run's backlog delays the others by one bounded batch at most.
+        self.read_budget = read_budget
         self.prices = PriceTable.from_config(config.cost)
         self._window_size = config.limits.dedup_window
-        self._budget = WindowBudget(config.limits.dedup_total)
-        self._transcripts: dict[str, _Transcript] = {}
+        # One budget for every transcript of the process (host mode passes the runs' shared
+        # one), so limits.dedup_total bounds the whole agent, however many runs it watches.
+        self._budget = window_budget or WindowBudget(config.limits.dedup_total)
+        self._transcripts: dict[FileKey, _Transcript] = {}
         # Transcripts whose saved state does not load: never read (see the module docstring).
-        self._frozen: set[str] = set()
+        self._frozen: set[FileKey] = set()
         self._warnings = FileWarnings(log)
-        self._last_read_error: dict[str, ReadError] = {}
+        self._last_read_error: dict[FileKey, ReadError] = {}
         self._failures: list[str] = []  # reported failures, logged once their batch commits
         self._completions: list[str] = []  # likewise for completed runs (their end_time)
 
@@ -152,79 +167,55 @@ class Pipeline:
         """Whether files with more than one hard link are read (``watch.allow_hardlinks``)."""
         return self.config.watch.allow_hardlinks
 
-    # -- classification -------------------------------------------------------------------
+    def forget(self) -> None:
+        """The store did not keep what the readers consumed (a group of batches was rolled
+        back after they ran): rebuild them from the store, so the same bytes are read again."""
+        self._transcripts.clear()
+        self._failures.clear()
+        self._completions.clear()
 
-    def classify(self, path: str) -> str | None:
-        """The key of the file a changed path belongs to, or None if it is not ours.
+    # -- which files ---------------------------------------------------------------------
 
-        Keys: ``state``, ``phases``, ``errorlog``, ``transcript:<agent>``, ``agent:<agent>``
-        (a directory appeared) and ``rescan`` (the run directory itself changed).
-        """
-        try:
-            parts = Path(path).relative_to(self.run_dir).parts
-        except ValueError:
-            return "rescan" if Path(path) in self.run_dir.parents else None
-        if not parts:
-            return "rescan"
-        if len(parts) == 1:
-            name = parts[0]
-            return {STATE_FILE: "state", PHASES_FILE: "phases", ERROR_LOG: "errorlog"}.get(
-                name, f"agent:{escape_name(name)}"
-            )
-        if len(parts) == 2 and parts[1] == TRANSCRIPT:
-            return f"transcript:{escape_name(parts[0])}"
-        return None
+    def all_keys(self) -> set[FileKey]:
+        """Every file that may exist now, and every transcript the store knows: a full rescan."""
+        return self.layout.present() | set(self.store.transcripts(self.adw_id))
 
-    def all_keys(self) -> set[str]:
-        """Every file key that may exist now, for a full rescan."""
-        keys = {"state", "phases", "errorlog"}
-        try:
-            names = [p.name for p in self.run_dir.iterdir()]
-        except OSError:
-            return keys
-        for name in names:
-            if safe_subdir(self.run_dir, name) is not None:
-                keys.add(f"transcript:{escape_name(name)}")
-        return keys | {f"transcript:{a}" for a in self._known_agents()}
-
-    def expand(self, keys: Iterable[str]) -> set[str]:
-        """File keys for a batch: ``rescan`` becomes every key, ``agent:<a>`` its transcript."""
-        out: set[str] = set()
-        for key in keys:
-            if key == "rescan":
+    def expand(self, changes: Iterable[Change]) -> set[FileKey]:
+        """The files of a batch: a rescan stands for every file."""
+        out: set[FileKey] = set()
+        for change in changes:
+            if change == RESCAN:
                 out |= self.all_keys()
-            elif key.startswith("agent:"):
-                out.add("transcript:" + key.removeprefix("agent:"))
-            else:
-                out.add(key)
+            elif isinstance(change, FileKey):
+                out.add(change)
         return out
 
     # -- processing -----------------------------------------------------------------------
 
-    def process(self, keys: Iterable[str]) -> Outcome:
+    def process(self, changes: Iterable[Change]) -> Outcome:
         """Handle a batch of changed files in one transaction (order: see the module docstring).
 
         Raises :class:`~agent.errors.StorageError` when the store cannot be written; then
         nothing of the batch is recorded and it can be processed again.
         """
-        keys = self.expand(keys)
+        keys = self.expand(changes)
         with self._batch("event") as b:
-            for key in sorted(k for k in keys if k.startswith("transcript:")):
+            for key in sorted(k for k in keys if k.is_transcript):
                 self._isolated(b, key, partial(self._transcript, b, key))
             if b.cost_changed:
                 self._isolated(b, "cost", partial(self._cost, b))
             # A transcript with a backlog: it was written before the phase or state change seen
             # now, so that change waits until the backlog is charged to the earlier phase.
-            waiting = keys & {"phases", "state"} if b.outcome.more else set()
+            waiting = keys & {PHASES, STATE} if b.outcome.more else set()
             b.outcome.more |= waiting
             for key, step in (
-                ("phases", self._phases),
-                ("errorlog", self._errorlog),
-                ("state", self._state),
+                (PHASES, self._phases),
+                (ERRORLOG, self._errorlog),
+                (STATE, self._state),
             ):
                 if key in keys and key not in waiting:
                     self._isolated(b, key, partial(step, b))
-            if keys & {"phases", "state"} - waiting:
+            if keys & {PHASES, STATE} - waiting:
                 self._isolated(b, "ending", partial(self._ending, b))
         return b.outcome
 
@@ -234,57 +225,75 @@ class Pipeline:
         Changes made while the agent was down are first read as ordinary events."""
         outcome = self.process(self.all_keys())
         with self._batch("sync") as b:
-            self._isolated(b, "state", partial(self._state, b, force=True))
-            self._isolated(b, "phases", partial(self._phases_snapshot, b))
+            self._isolated(b, STATE, partial(self._state, b, force=True))
+            self._isolated(b, PHASES, partial(self._phases_snapshot, b))
             self._isolated(b, "cost", partial(self._cost, b, force=True))
         outcome.emitted += b.outcome.emitted
         return outcome
 
     @contextmanager
     def _batch(self, source: Source) -> Iterator[_Batch]:
+        # Inside a group of batches (see Store.group), the commit comes with the group.
+        grouped = self.store.in_transaction
+        failures, completions = len(self._failures), len(self._completions)
         try:
-            with self.store.transaction() as tx:
-                batch = _Batch(tx, source)
+            with self.store.transaction(self.adw_id) as tx:
+                batch = _Batch(tx, source, budget=self.read_budget)
                 yield batch
                 batch.outcome.emitted = len(tx.emitted)
         except BaseException:
             # The store did not record what the readers consumed: rebuild them from the store.
             self._transcripts.clear()
-            self._failures.clear()
-            self._completions.clear()
+            del self._failures[failures:]
+            del self._completions[completions:]
             raise
-        # Logged once committed: a batch that is rolled back (disk full) and retried must not
-        # report the same failure again and again.
+        if not grouped:
+            self.committed()
+
+    def committed(self) -> None:
+        """What was read is committed: log the failures it reported.
+
+        Logged only then: a batch that is rolled back (disk full) and retried must not report
+        the same failure again and again."""
         for reason in self._failures:
-            log.warning("workflow failed: %s", reason, extra={"event_type": "workflow_failed"})
+            log.warning(
+                "workflow failed: %s",
+                reason,
+                extra={"event_type": "workflow_failed", "adw_id": self.adw_id},
+            )
         self._failures.clear()
         for end_time in self._completions:
             log.info(
                 "workflow completed",
-                extra={"event_type": "workflow_completed", "end_time": end_time},
+                extra={
+                    "event_type": "workflow_completed",
+                    "end_time": end_time,
+                    "adw_id": self.adw_id,
+                },
             )
         self._completions.clear()
 
-    def _isolated(self, b: _Batch, key: str, step: Callable[[], None]) -> None:
-        """Run one file's step under a savepoint, so that its failure spares the other files."""
-        db = self.store.db
+    def _isolated(self, b: _Batch, key: Step, step: Callable[[], None]) -> None:
+        """Run one file's step under a savepoint, so that its failure spares the other files.
+
+        A failure of the store itself is not caught: the whole batch is rolled back and retried.
+        """
         emitted, failures = len(b.tx.emitted), len(self._failures)
         completions = len(self._completions)
         problems = self._warnings.problems(key)
-        db.execute("SAVEPOINT pipeline_file")
         try:
-            step()
-        except (sqlite3.Error, StorageError):
-            raise  # the store itself failed: the whole batch is rolled back and retried
+            with b.tx.savepoint():
+                step()
+        except StorageError:
+            raise
         except Exception as exc:
-            db.execute("ROLLBACK TO pipeline_file")
-            db.execute("RELEASE pipeline_file")
             del b.tx.emitted[emitted:]
             del self._failures[failures:]
             del self._completions[completions:]
-            # Rebuilt from its saved row next time, so the rolled-back lines are read again.
-            self._transcripts.pop(key, None)
-            b.outcome.more.discard(key)
+            if isinstance(key, FileKey):
+                # Rebuilt from its saved row next time, so the rolled-back lines are read again.
+                self._transcripts.pop(key, None)
+                b.outcome.more.discard(key)
             # A step that failed did not read its file fine, whatever it got to first.
             self._warnings.restore(key, problems)
             self._warnings.warn(
@@ -296,20 +305,15 @@ class Pipeline:
                 path=self._path_of(key),
             )
             log.debug("unexpected error handling %s", key, exc_info=True)
-            return
-        db.execute("RELEASE pipeline_file")
 
-    def _path_of(self, key: str) -> str:
-        if key.startswith("transcript:"):
-            return str(self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT)
-        name = _FILES.get(key)
-        return str(self.run_dir / name) if name else str(self.store.path)
+    def _path_of(self, key: Step) -> str:
+        return str(self.layout.path(key)) if isinstance(key, FileKey) else str(self.store.path)
 
     # -- adw_state.json and completed_phases.json -----------------------------------------
 
-    def _read(self, b: _Batch, key: str, read: Callable[[Path, int], _T]) -> _T | None:
+    def _read(self, b: _Batch, key: FileKey, read: Callable[[Path, int], _T]) -> _T | None:
         """The parsed state or phases file; None when it is absent or unreadable right now."""
-        path = self.run_dir / _FILES[key]
+        path = self.layout.path(key)
         try:
             value = read(path, self.config.limits.max_state_bytes)
         except FileNotFoundError:
@@ -325,7 +329,7 @@ class Pipeline:
         self._warnings.ok(key)
         return value
 
-    def report_unreadable(self, key: str) -> None:
+    def report_unreadable(self, key: FileKey) -> None:
         """Retries for ``key`` ran out: warn once, with the path, and keep the last good state."""
         exc = self._last_read_error.get(key)
         if exc is not None:
@@ -338,11 +342,11 @@ class Pipeline:
             )
 
     def _state(self, b: _Batch, force: bool = False) -> None:
-        state = self._read(b, "state", partial(read_state, allow_hardlinks=self._hardlinks))
+        state = self._read(b, STATE, partial(read_state, allow_hardlinks=self._hardlinks))
         if state is None:
             return
         canonical = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
-        last = b.tx.get("state")
+        last = b.tx.get(STATE)
         if canonical == last and not force:
             return
         previous: dict[str, Any] = orjson.loads(last) if last else {}
@@ -352,7 +356,7 @@ class Pipeline:
             if state.get(k, _MISSING) != previous.get(k, _MISSING)
         )
         b.tx.emit("workflow_update", {**state, "changed": changed}, b.source)
-        b.tx.put("state", canonical)
+        b.tx.put(STATE, canonical)
         failed, was_failed = state.get("status") == "failed", previous.get("status") == "failed"
         if failed and not was_failed and not b.tx.get_json("failure_reported"):
             self._failure(b.tx, "state status is 'failed'", self._error_excerpt())
@@ -361,11 +365,11 @@ class Pipeline:
             b.tx.delete("failure_reported")
 
     def _phases(self, b: _Batch) -> None:
-        phases = self._read(b, "phases", partial(read_phases, allow_hardlinks=self._hardlinks))
+        phases = self._read(b, PHASES, partial(read_phases, allow_hardlinks=self._hardlinks))
         if phases is None:
             return
         now: dict[str, Any] = {"completed": phases.completed, "current": phases.current}
-        previous = b.tx.get_json("phases") or {"completed": [], "current": None}
+        previous = b.tx.get_json(PHASES) or {"completed": [], "current": None}
         if now == previous:
             return
         remaining = list(previous["completed"])
@@ -387,10 +391,10 @@ class Pipeline:
             b.tx.emit("phase_update", update, b.source)
         if not newly:
             b.tx.emit("phase_update", _phase_update(now["current"], now["completed"]), b.source)
-        b.tx.put_json("phases", now)
+        b.tx.put_json(PHASES, now)
 
     def _phases_snapshot(self, b: _Batch) -> None:
-        phases = b.tx.get_json("phases")
+        phases = b.tx.get_json(PHASES)
         if phases is not None:
             b.tx.emit(
                 "phase_update", _phase_update(phases["current"], phases["completed"]), b.source
@@ -398,10 +402,10 @@ class Pipeline:
 
     def current_phase(self, tx: Transaction) -> str | None:
         """The phase now current as last recorded: completed_phases.json, else the state's."""
-        phases = tx.get_json("phases")
+        phases = tx.get_json(PHASES)
         if phases and phases.get("current"):
             return str(phases["current"])
-        state = tx.get_json("state")
+        state = tx.get_json(STATE)
         phase = state.get("current_phase") if isinstance(state, dict) else None
         return phase if isinstance(phase, str) and phase else None
 
@@ -410,7 +414,7 @@ class Pipeline:
     def _error_excerpt(self) -> str:
         try:
             return read_tail(
-                self.run_dir / ERROR_LOG,
+                self.layout.path(ERRORLOG),
                 self.config.limits.error_excerpt_bytes,
                 allow_hardlinks=self._hardlinks,
             ).excerpt
@@ -418,41 +422,41 @@ class Pipeline:
             return ""
 
     def _errorlog(self, b: _Batch) -> None:
-        path = self.run_dir / ERROR_LOG
+        path = self.layout.path(ERRORLOG)
         try:
             tail = read_tail(
                 path, self.config.limits.error_excerpt_bytes, allow_hardlinks=self._hardlinks
             )
         except FileNotFoundError:
-            self._warnings.ok("errorlog")
+            self._warnings.ok(ERRORLOG)
             return
         except ReadError as exc:
             self._warnings.warn(
-                "errorlog", "unreadable", "cannot read error.log: %s", exc.reason, path=exc.path
+                ERRORLOG, "unreadable", "cannot read error.log: %s", exc.reason, path=exc.path
             )
             return
-        self._warnings.ok("errorlog")
-        previous = b.tx.get_json("errorlog") or {"ino": None, "size": 0}
+        self._warnings.ok(ERRORLOG)
+        previous = b.tx.get_json(ERRORLOG) or {"ino": None, "size": 0}
         same_file = previous["ino"] == tail.ino and tail.size >= previous["size"]
         grown = tail.size > previous["size"] if same_file else tail.size > 0
         if grown:
             reason = "error.log grew" if same_file and previous["size"] else "error.log appeared"
             self._failure(b.tx, reason, tail.excerpt)
         if (previous["ino"], previous["size"]) != (tail.ino, tail.size):
-            b.tx.put_json("errorlog", {"ino": tail.ino, "size": tail.size})
+            b.tx.put_json(ERRORLOG, {"ino": tail.ino, "size": tail.size})
 
     # -- how the run ended (see agent.endings) ---------------------------------------------
 
     def _ending(self, b: _Batch) -> None:
         """Report the run's end once: ``end_time`` in the state, with or without a phase
         current in a read of completed_phases.json made now, after the state was read."""
-        state = b.tx.get_json("state")
+        state = b.tx.get_json(STATE)
         if not isinstance(state, dict):
             return
-        db = self.store.db
-        if read_meta(db, "first_seen") is None:
-            b.tx.set_meta("first_seen", utc_now())
-        reported = read_meta(db, "ended")
+        # Records of this run, not of the store: in host mode every run ends on its own.
+        if b.tx.get_json("first_seen") is None:
+            b.tx.put_json("first_seen", utc_now())
+        reported = b.tx.get_json("ended")
         end_time = endings.end_time_of(state)
         if end_time is None or (
             isinstance(reported, dict) and reported.get("end_time") == end_time
@@ -460,7 +464,7 @@ class Pipeline:
             return  # not over, or reported already: no need to read the phases again
         try:
             phases = read_phases(
-                self.run_dir / PHASES_FILE,
+                self.layout.path(PHASES),
                 self.config.limits.max_state_bytes,
                 allow_hardlinks=self._hardlinks,
             )
@@ -469,15 +473,15 @@ class Pipeline:
             completed, current = [], None
         except ReadError as exc:
             # Half-written: decided when it reads, as a failure must not pass for a success.
-            b.outcome.retry.add("phases")
-            self._last_read_error["phases"] = exc
+            b.outcome.retry.add(PHASES)
+            self._last_read_error[PHASES] = exc
             return
         ending = endings.decide(state, completed, current, reported)
         if ending is None:
             return
-        b.tx.set_meta("ended", endings.Reported(end_time=ending.end_time, kind=ending.kind))
+        b.tx.put_json("ended", endings.Reported(end_time=ending.end_time, kind=ending.kind))
         if ending.kind == "completed":
-            started = state.get("start_time") or read_meta(db, "first_seen")
+            started = state.get("start_time") or b.tx.get_json("first_seen")
             final_cost = float(self._saved_cost(b.tx)["reported"])
             b.tx.emit("workflow_completed", endings.completed_data(ending, final_cost, started))
             self._completions.append(ending.end_time)
@@ -503,21 +507,15 @@ class Pipeline:
 
     # -- transcripts and cost -------------------------------------------------------------
 
-    def _known_agents(self) -> list[str]:
-        rows = self.store.db.execute(
-            "SELECT key FROM files WHERE key LIKE 'transcript:%'"
-        ).fetchall()
-        return [str(r[0]).removeprefix("transcript:") for r in rows]
-
     def _transcript_warning(self, path: Path) -> Callable[[str], None]:
         def warn(message: str) -> None:
             log.warning("%s", message, extra={"path": str(path)})
 
         return warn
 
-    def _restore(self, tx: Transaction, key: str) -> _Transcript | None:
+    def _restore(self, tx: Transaction, key: FileKey) -> _Transcript | None:
         """A reader and ledger from the saved row (new ones without a row); None if frozen."""
-        path = self.run_dir / unescape_name(key.removeprefix("transcript:")) / TRANSCRIPT
+        path = self.layout.path(key)
         warn = self._transcript_warning(path)
         try:
             saved = tx.get_json(key)
@@ -549,27 +547,27 @@ class Pipeline:
         )
         return _Transcript(reader, ledger, saved is not None)
 
-    def _transcript(self, b: _Batch, key: str) -> None:
+    def _transcript(self, b: _Batch, key: FileKey) -> None:
         if key in self._frozen:
             return
-        # Keys hold the name escaped (see read.escape_name); the file system has the bytes.
-        agent = unescape_name(key.removeprefix("transcript:"))
-        if safe_subdir(self.run_dir, agent) is None:
+        agent = key.agent
+        if self.layout.agent_dir(agent) is None:
             # Not a real directory (gone, a file, or a symlink that could lead outside the run
             # directory): read nothing; what was counted from it stays in the store.
-            if (self.run_dir / agent).is_symlink():
+            folder = self.layout.path(key).parent
+            if folder.is_symlink():
                 self._warnings.warn(
-                    key,
-                    "symlink",
-                    "not following symlinked directory",
-                    path=str(self.run_dir / agent),
+                    key, "symlink", "not following symlinked directory", path=str(folder)
                 )
             return
         entry = self._transcripts.get(key) or self._restore(b.tx, key)
         if entry is None:
             return
+        if b.budget is not None and b.budget <= 0:
+            b.outcome.more.add(key)  # this run's share of the batch is used up: next batch
+            return
         try:
-            chunk = entry.reader.read(_READ_BUDGET)
+            chunk = entry.reader.read(_READ_BUDGET if b.budget is None else b.budget)
         except FileNotFoundError:
             # A directory without a transcript (screenshots/, say) is no agent: nothing is kept
             # for it until a transcript appears.
@@ -583,6 +581,8 @@ class Pipeline:
             return
         self._warnings.ok(key)
         self._transcripts[key] = entry
+        if b.budget is not None:
+            b.budget -= sum(map(len, chunk.lines))
         changed, _ = entry.ledger.feed_chunk(chunk)
         # A transcript seen for the first time is news even when empty: an agent has started,
         # so the run's cost is no longer final.
@@ -598,8 +598,8 @@ class Pipeline:
         """The ledger of every transcript in the store, and the agents whose one is frozen."""
         ledgers: dict[str, TranscriptLedger] = {}
         frozen: list[str] = []
-        for agent in self._known_agents():
-            key = f"transcript:{agent}"
+        for key in tx.transcripts():
+            agent = key.agent
             entry = self._transcripts.get(key)
             if entry is None and key not in self._frozen:
                 entry = self._restore(tx, key)

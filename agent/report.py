@@ -6,12 +6,8 @@ agent (requeueing dead letters is the one deliberate write).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sqlite3
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,8 +15,7 @@ import orjson
 from agent import liveness
 from agent.account import PriceTable, TranscriptCost, TranscriptLedger
 from agent.config import Config
-from agent.errors import StorageError
-from agent.outbox import Store, dead_letter_rows, outbox_stats, read_meta
+from agent.outbox import Store, StoreView
 from agent.read import escape_name
 
 
@@ -76,51 +71,50 @@ def print_cost_table(report: dict[str, Any]) -> None:
     )
 
 
-@contextlib.contextmanager
-def _reading(directory: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to the store; SQLite failures become :class:`StorageError`."""
-    db = Store.inspect(directory)
-    try:
-        yield db
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot read the agent store in {directory}: {exc}") from None
-    finally:
-        db.close()
-
-
 def status_report(config: Config) -> dict[str, Any]:
     """Everything ``adw-agent status`` shows, as plain data."""
     prices = PriceTable.from_config(config.cost)
-    with _reading(config.storage.dir) as db:
-        stats = outbox_stats(db)
+    with StoreView(config.storage.dir, config.adw_id) as view:
+        stats = view.stats()
         transcripts: dict[str, dict[str, Any]] = {}
-        rows = db.execute("SELECT key, value FROM files WHERE key LIKE 'transcript:%' ORDER BY key")
-        for key, value in rows:
-            agent = str(key).removeprefix("transcript:")
+        for key, value in view.transcript_records():
             try:
                 saved = orjson.loads(value)
                 ledger = TranscriptLedger.load(saved["ledger"], prices)
-                transcripts[agent] = {
+                transcripts[key.agent] = {
                     "offset": int(saved["position"]["offset"]),
                     "cost": round(ledger.cost, 10),
                     "final": ledger.final,
                     "bad_lines": ledger.bad_lines,
                 }
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                transcripts[agent] = {"error": f"unreadable saved state: {exc}"}
-        cost = db.execute("SELECT value FROM files WHERE key = 'cost'").fetchone()
+                transcripts[key.agent] = {"error": f"unreadable saved state: {exc}"}
+        cost = view.record("cost")
+        runs = view.runs()
+        for adw_id, run in runs.items():
+            reported = view.record("cost", adw_id=adw_id)
+            run["current_cost"] = round(orjson.loads(reported)["reported"], 10) if reported else 0.0
+            # Set when the store was found lost, reset or replaced (agent.claims).
+            run["replaced"] = view.meta(f"replaced:{adw_id}")
+            # How the run ended, if it did (agent.endings): a record of each run.
+            reported_end = view.record("ended", adw_id=adw_id)
+            run["ended"] = orjson.loads(reported_end) if reported_end else None
+        home = runs.get(config.adw_id)
+        ended = None if home is None else home["ended"]
         return {
             "adw_id": config.adw_id,
+            "mode": "host" if config.host_mode else "run",
             "store": str(config.storage.dir),
             **stats,
-            "seq": read_meta(db, "seq") or 0,
-            "last_delivery": read_meta(db, "last_delivery"),
-            "heartbeat": read_meta(db, "heartbeat"),
-            "sender": read_meta(db, "sender"),
-            "ended": read_meta(db, "ended"),
-            "dead_letter_list": dead_letter_rows(db),
+            "runs": runs,
+            "seq": view.meta("seq") or 0,
+            "last_delivery": view.meta("last_delivery"),
+            "heartbeat": view.meta("heartbeat"),
+            "sender": view.meta("sender"),
+            "ended": ended,
+            "dead_letter_list": view.dead_letters(),
             "transcripts": transcripts,
-            "current_cost": round(orjson.loads(cost[0])["reported"], 10) if cost else 0.0,
+            "current_cost": round(orjson.loads(cost)["reported"], 10) if cost else 0.0,
         }
 
 
@@ -150,6 +144,26 @@ def print_status(r: dict[str, Any]) -> None:
     print(f"dead letters  {r['dead_letters']}")
     for row in r["dead_letter_list"]:
         print(f"  seq {row['seq']} {row['type']} -> {row['status']}: {row['response'][:60]}")
+    if r["mode"] == "host":
+        print(f"runs          {len(r['runs'])}")
+        for adw_id, run in r["runs"].items():
+            age = run["oldest_undelivered_age"]
+            oldest = f", oldest {age:.1f}s" if age is not None else ""
+            replaced = "  STORE REPLACED" if run["replaced"] else ""
+            over = run["ended"]
+            ended = f"  ended {over.get('kind')} at {over.get('end_time')}" if over else ""
+            print(
+                f"  {adw_id:<14} seq {run['seq']:>6}  epoch {run['epoch']}  "
+                f"outbox {run['outbox_depth']}{oldest}  dead letters {run['dead_letters']}  "
+                f"${run['current_cost']:.6f}{ended}{replaced}"
+            )
+        return
+    run = r["runs"].get(r["adw_id"]) or {}
+    if run.get("replaced"):
+        print(
+            f"STORE REPLACED {_ago(run['replaced']['at'])}: events were reported under epoch "
+            f"{run['replaced']['reported_epoch']}; a new stream started (epoch {run['epoch']})"
+        )
     print(f"current cost  ${r['current_cost']:.6f}")
     for agent, t in sorted(r["transcripts"].items()):
         if "error" in t:
@@ -167,10 +181,10 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
 
     The heartbeat's age is taken from the monotonic clock (see :mod:`agent.liveness`); one
     whose age cannot be known counts as unhealthy."""
-    with _reading(config.storage.dir) as db:
-        beat = read_meta(db, "heartbeat")
-        sender = read_meta(db, "sender")
-        stats = outbox_stats(db)
+    with StoreView(config.storage.dir, config.adw_id) as view:
+        beat = view.meta("heartbeat")
+        sender = view.meta("sender")
+        runs = view.runs()
     allowed = 3 * config.intervals.heartbeat + 5
     if not beat:
         return f"no heartbeat within {allowed:.0f}s (last never)"
@@ -186,9 +200,15 @@ def health(config: Config, max_stuck: float, now: float) -> str | None:
         return f"the agent stopped {beat_age:.0f}s ago"
     if isinstance(sender, dict) and sender.get("problem"):
         return f"delivery cannot progress: {sender['problem']}"
-    age = stats["oldest_undelivered_age"]
-    if age is not None and age > max_stuck:
-        return f"delivery stuck: oldest undelivered event is {age:.0f}s old"
+    stuck = sorted(
+        (run["oldest_undelivered_age"], adw_id)
+        for adw_id, run in runs.items()
+        if run["oldest_undelivered_age"] is not None and run["oldest_undelivered_age"] > max_stuck
+    )
+    if stuck:
+        age, adw_id = stuck[-1]
+        others = f" and {len(stuck) - 1} other runs" if len(stuck) > 1 else ""
+        return f"delivery stuck: oldest undelivered event is {age:.0f}s old (ADW {adw_id}{others})"
     return None
 
 
@@ -198,11 +218,12 @@ def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict
     A running agent notices requeued events within about a second; they keep their event_id and
     seq. Requeueing is the one write these views make, through the store's own transaction.
     """
-    with _reading(config.storage.dir) as db:
-        rows = dead_letter_rows(db)
+    with StoreView(config.storage.dir, config.adw_id) as view:
+        rows = view.dead_letters()
     if requeue is None and not requeue_all:
         return {"dead_letters": rows}
-    store = Store(config.storage.dir, config.adw_id, config.storage.synchronous)
+    home = None if config.host_mode else config.adw_id
+    store = Store(config.storage.dir, home, config.storage.synchronous)
     try:
         return {"requeued": store.requeue(None if requeue_all else requeue)}
     finally:

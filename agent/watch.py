@@ -7,10 +7,15 @@ are filtered out at the source: the agent's own reads would otherwise wake it up
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +34,8 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
-from agent.config import WatchMode
+from agent.config import Config, WatchMode
+from agent.errors import ConfigError
 
 log = logging.getLogger("adw_agent.watch")
 
@@ -153,9 +159,157 @@ class Watcher:
         """Stop watching; wait at most ``timeout`` for the observer's thread to end.
 
         Blocking: watchdog joins its emitter threads, without a time limit. Call it from a
-        thread other than the event loop's (see ``Agent._stop_watcher``).
+        thread other than the event loop's (see :func:`stop_off_loop`).
         """
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
             observer.join(timeout=timeout)
+
+
+async def stop_off_loop(watcher: Watcher, deadline: float) -> None:
+    """Stop ``watcher`` without blocking the event loop, waiting until ``deadline`` at most.
+
+    Stopping joins watchdog's threads, and its emitters are joined without a time limit. So it
+    runs on a daemon thread of its own rather than in asyncio's executor, whose threads are
+    waited for at exit: one that does not end in time is left behind, and it cannot keep the
+    process from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def stop() -> None:
+        try:
+            watcher.stop(max(0.0, deadline - time.monotonic()))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(_resolve, done)
+
+    threading.Thread(target=stop, name="stop-watcher", daemon=True).start()
+    await asyncio.wait({done}, timeout=max(0.0, deadline - time.monotonic()))
+    if not done.done():
+        log.debug("the watcher did not stop in time; leaving its threads to end by themselves")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+#: The longest the agent waits for a stopped watcher's threads to end.
+WATCHER_STOP = 2.0
+
+#: What a reconciliation found: the directory gone (nothing to read), watching it paused
+#: (read it, and try to watch it again soon), or watching.
+Reconciled = Literal["gone", "paused", "watching"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    """A watcher built (and started, if the old one was running) for a new configuration."""
+
+    watcher: Watcher
+    ino: int | None
+    running: bool
+
+
+class RunWatch:
+    """Keeps one run directory watched: starts the watcher, heals it when it stopped or the
+    directory was replaced, pauses while the directory is gone, and replaces it on reload."""
+
+    def __init__(
+        self, config: Config, on_change: Callable[[str], None], on_closed: Callable[[str], None]
+    ) -> None:
+        self.run_dir = config.watched
+        self._on_change = on_change
+        self._on_closed = on_closed
+        self.watcher = self._new(config)
+        self._mode = config.watch.mode
+        self._ino: int | None = None
+        #: True while deliberately not watching (directory gone, watcher could not start):
+        #: the main loop is handling it, so the watchdog keeps being fed.
+        self.paused = False
+
+    def _new(self, config: Config) -> Watcher:
+        return Watcher(
+            config.watched,
+            config.watch.mode,
+            config.watch.poll_interval,
+            self._on_change,
+            self._on_closed,
+        )
+
+    def healthy(self) -> bool:
+        """Watching, or deliberately paused."""
+        return self.paused or self.watcher.alive()
+
+    def start(self) -> bool:
+        """Start watching; False (paused, to be retried) when the directory cannot be watched.
+
+        Raises :class:`~agent.errors.ConfigError` when ``watch.mode = 'inotify'`` and inotify
+        fails: that setting asks for no fallback.
+        """
+        try:
+            self._ino = os.stat(self.run_dir).st_ino
+            self.watcher.start()
+        except OSError as exc:
+            if self._mode == "inotify":
+                raise ConfigError(_failure(self._mode, self.run_dir, exc)) from None
+            log.error("cannot watch %s: %s", self.run_dir, exc)
+            self.paused = True
+            return False
+        self.paused = False
+        return True
+
+    async def stop(self, deadline: float) -> None:
+        await stop_off_loop(self.watcher, deadline)
+
+    async def reconcile(self) -> Reconciled:
+        """Heal what inotify cannot report: a run directory deleted or replaced, a watcher
+        that stopped by itself."""
+        try:
+            ino: int | None = os.stat(self.run_dir).st_ino
+        except OSError:
+            ino = None
+        if ino is None:
+            # The watcher may already have stopped by itself (watchdog ends the emitter when
+            # the watched directory is deleted): warn once per disappearance either way.
+            if not self.paused:
+                log.warning(
+                    "the run directory is gone; waiting for it", extra={"path": str(self.run_dir)}
+                )
+            await self.stop(time.monotonic() + WATCHER_STOP)
+            self.paused = True
+            return "gone"
+        if ino != self._ino or not self.watcher.alive():
+            log.info("watching the run directory again", extra={"path": str(self.run_dir)})
+            await self.stop(time.monotonic() + WATCHER_STOP)
+            return "watching" if self.start() else "paused"
+        return "watching"
+
+    def prepare(self, old: Config, new: Config) -> Replacement | None:
+        """A watcher for ``new`` if it needs one, started if the running one is: the poll
+        interval is fixed when an observer starts. Raises ConfigError, changing nothing."""
+        if new.watch.poll_interval == old.watch.poll_interval:
+            return None
+        watcher = self._new(new)
+        running = self.watcher.alive()
+        ino = self._ino
+        if running:
+            try:
+                ino = os.stat(new.watched).st_ino
+                watcher.start()
+            except OSError as exc:
+                raise ConfigError(_failure(new.watch.mode, new.watched, exc)) from None
+        return Replacement(watcher, ino, running)
+
+    async def swap(self, new: Replacement) -> None:
+        """Put a prepared watcher in place of the running one."""
+        previous, self.watcher, self._ino = self.watcher, new.watcher, new.ino
+        await stop_off_loop(previous, time.monotonic() + WATCHER_STOP)
+
+
+def _failure(mode: WatchMode, run_dir: Path, exc: OSError) -> str:
+    if mode == "inotify":
+        return f"watch.mode = 'inotify' but inotify failed: {exc}"
+    return f"cannot watch {run_dir}: {exc}"

@@ -315,8 +315,10 @@ class RunSimulator:
                     all_adws=later["all_adws"],
                 )
         self._completed.append(phase)
-        self._set_state(status="completed", current_phase=None, end_time="2026-01-01T01:00:00Z")
+        # As the orchestrator does: the last phase completes before end_time is written (an
+        # end_time while a phase is current is how a run fails).
         self._set_phases(None)
+        self._set_state(status="completed", current_phase=None, end_time="2026-01-01T01:00:00Z")
         self.expected.final_state = dict(self._state)
 
     # playing

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from watchdog.observers.inotify import InotifyObserver
 
-from agent import app
 from agent import config as config_module
+from agent import watch as watch_module
 from agent.app import Agent
 from agent.config import Config, load
 from agent.deliver import Sender
@@ -253,7 +253,7 @@ def test_stopping_the_watcher_leaves_the_event_loop_free(
             self.loop.call_soon_threadsafe(ran.set)
             stops.append(ran.wait(10))
 
-    monkeypatch.setattr(app, "Watcher", NeedsTheLoop)
+    monkeypatch.setattr(watch_module, "Watcher", NeedsTheLoop)
     agent = Agent(make_config(tmp_path, run_dir, backend.url, delivery={"drain_timeout": 30.0}))
 
     async def scenario() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigError, StorageError
 from agent.events import COALESCIBLE
+from agent.layout import PHASES, STATE, FileKey
 from agent.outbox import (
+    DB_NAME,
     LOCK_NAME,
     Queued,
     Store,
@@ -27,6 +30,8 @@ from agent.outbox import (
 )
 
 ADW = "55b761f6"
+
+RAW = FileKey.transcript("raw")
 
 
 def workflow(changed: list[str], **state: Any) -> dict[str, Any]:
@@ -360,7 +365,7 @@ def test_an_exception_rolls_everything_back(store: Store) -> None:
 
     def batch() -> None:
         with store.transaction() as tx:
-            tx.put_json("state", {"a": 1})
+            tx.put_json(STATE, {"a": 1})
             tx.emit("workflow_update", workflow(["b"]))  # would coalesce seq 1 away
             tx.emit("workflow_failed", failed("x"))
             raise RuntimeError("reader blew up")
@@ -369,7 +374,7 @@ def test_an_exception_rolls_everything_back(store: Store) -> None:
         batch()
     assert [(e["seq"], e["data"]["changed"]) for e in queued(store)] == [(1, ["a"])]
     with store.transaction() as tx:
-        assert tx.get("state") is None
+        assert tx.get(STATE) is None
         assert tx.emit("workflow_failed", failed("y")) == 2  # seq was not consumed
 
 
@@ -415,14 +420,14 @@ def test_depth_changes_nothing(store: Store) -> None:
 
 def test_file_state_round_trips(store: Store) -> None:
     with store.transaction() as tx:
-        tx.put_json("phases", {"completed": ["plan"]})
-        tx.put("raw", b"\x00\x01")
+        tx.put_json(PHASES, {"completed": ["plan"]})
+        tx.put(RAW, b"\x00\x01")
     with store.transaction() as tx:
-        assert tx.get_json("phases") == {"completed": ["plan"]}
-        assert tx.get("raw") == b"\x00\x01"
-        tx.delete("raw")
-        assert tx.get("raw") is None
-        assert tx.get_json("absent") is None
+        assert tx.get_json(PHASES) == {"completed": ["plan"]}
+        assert tx.get(RAW) == b"\x00\x01"
+        tx.delete(RAW)
+        assert tx.get(RAW) is None
+        assert tx.get_json(FileKey.transcript("absent")) is None
 
 
 def test_inspect_is_read_only(tmp_path: Path, store: Store) -> None:
@@ -520,3 +525,115 @@ def test_any_interleaving_delivers_in_order_and_facts_exactly_once(
 
 def delivered_last(delivered: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return [e for e in delivered if e["type"] == kind][-1]
+
+
+# -- streams: one per ADW, each with its own seq and epoch -------------------------------------
+
+
+def test_every_event_names_its_stream_by_an_epoch_fixed_at_its_creation(tmp_path: Path) -> None:
+    before = time.time_ns() // 1_000_000
+    store = Store(tmp_path, ADW, "normal")
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_failed", failed("b"))
+    store.close()
+    store = Store(tmp_path, ADW, "normal")
+    emit(store, "workflow_failed", failed("c"))
+    epochs = {e["epoch"] for e in queued(store)}
+    assert len(epochs) == 1
+    [epoch] = epochs
+    assert epoch >= before
+    assert store.epoch() == epoch
+    store.close()
+
+
+def test_a_replaced_store_starts_a_larger_epoch(tmp_path: Path) -> None:
+    first = Store(tmp_path / "a", ADW, "normal")
+    emit(first, "workflow_failed", failed("a"))
+    [old] = queued(first)
+    first.close()
+    # The store is lost: a new one starts the stream again at seq 1, under a larger epoch.
+    second = Store(tmp_path / "b", ADW, "normal")
+    emit(second, "workflow_failed", failed("a"))
+    [new] = queued(second)
+    second.close()
+    assert new["seq"] == old["seq"] == 1
+    assert new["epoch"] >= old["epoch"]  # milliseconds: equal only within the same one
+    assert (new["epoch"], new["seq"]) >= (old["epoch"], old["seq"])
+
+
+def test_a_host_store_keeps_one_stream_and_one_set_of_records_per_adw(tmp_path: Path) -> None:
+    store = Store(tmp_path, None, "normal")
+    try:
+        for adw in ("aaaaaaaa", "adw-bbbbbbbb", "aaaaaaaa"):
+            with store.transaction(adw) as tx:
+                tx.emit("workflow_failed", failed(adw))
+                tx.put_json(STATE, {"adw": adw})
+        with store.transaction("aaaaaaaa") as tx:
+            tx.emit("workflow_update", workflow(["a"]))
+        with store.transaction("adw-bbbbbbbb") as tx:
+            # Coalescing never reaches into another ADW's stream.
+            tx.emit("workflow_update", workflow(["b"]))
+            assert tx.get_json(STATE) == {"adw": "adw-bbbbbbbb"}
+        events = queued(store)
+        by_adw = [(e["adw_id"], e["seq"], e["type"]) for e in events]
+        assert by_adw == [
+            ("aaaaaaaa", 1, "workflow_failed"),
+            ("adw-bbbbbbbb", 1, "workflow_failed"),
+            ("aaaaaaaa", 2, "workflow_failed"),
+            ("aaaaaaaa", 3, "workflow_update"),
+            ("adw-bbbbbbbb", 2, "workflow_update"),
+        ]
+        # Two streams, two epochs, the later one larger.
+        assert store.epoch("aaaaaaaa") < store.epoch("adw-bbbbbbbb")  # type: ignore[operator]
+        # The outbox keeps one order across ADWs: that is what the sender goes by.
+        assert [q.seq for q in drain(store)] == [1, 2, 3, 4, 5]
+    finally:
+        store.close()
+
+
+def test_a_host_store_and_a_one_adw_store_are_not_mixed_up(tmp_path: Path) -> None:
+    Store(tmp_path, None, "normal").close()
+    with pytest.raises(ConfigError, match="holds the state of every ADW under a root"):
+        Store(tmp_path, ADW, "normal")
+
+
+def test_a_store_of_an_earlier_version_keeps_its_records_and_seq(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+        CREATE TABLE files (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+        CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT, body BLOB NOT NULL);
+        CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL,
+            type TEXT NOT NULL, created REAL NOT NULL, failed_at REAL NOT NULL, status INTEGER,
+            response TEXT NOT NULL, body BLOB NOT NULL);
+        """
+    )
+    db.execute("INSERT INTO meta VALUES ('adw_id', ?)", (orjson.dumps(ADW),))
+    db.execute("INSERT INTO meta VALUES ('seq', ?)", (orjson.dumps(7),))
+    db.execute("INSERT INTO files VALUES ('transcript:planner', ?)", (b'{"v":1}',))
+    # How the one run ended was kept as meta then; it is that run's record now.
+    ended = {"end_time": "2026-11-30T12:00:00", "kind": "failed"}
+    db.execute("INSERT INTO meta VALUES ('ended', ?)", (orjson.dumps(ended),))
+    db.execute("INSERT INTO meta VALUES ('first_seen', ?)", (orjson.dumps("2026-11-30T11:00:00Z"),))
+    db.execute(
+        "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (7, 'e7', "
+        "'workflow_failed', 0, ?)",
+        (orjson.dumps({"seq": 7}),),
+    )
+    db.close()
+    store = Store(tmp_path, ADW, "normal")
+    try:
+        assert store.transcripts() == [FileKey.transcript("planner")]
+        with store.transaction() as tx:
+            assert tx.get(FileKey.transcript("planner")) == b'{"v":1}'
+            assert tx.get_json("ended") == ended
+            assert tx.get_json("first_seen") == "2026-11-30T11:00:00Z"
+        assert store.meta("ended") is None
+        assert store.meta("first_seen") is None
+        assert emit(store, "workflow_failed", failed("next")) == 8
+        assert [q.seq for q in drain(store)] == [7, 8]
+    finally:
+        store.close()

@@ -21,6 +21,8 @@ import agent.pipeline
 from agent.account import OTHER, TranscriptLedger, cost_of_path
 from agent.config import Config, load
 from agent.errors import StorageError
+from agent.layout import ERRORLOG, PHASES, RESCAN, Change, FileKey
+from agent.layout import STATE as STATE_FILE
 from agent.outbox import Store, Transaction
 from agent.pipeline import Pipeline
 from agent.report import status_report
@@ -29,6 +31,19 @@ from tests.harness import AdwWriter, fixture_lines
 
 ADW = "55b761f6"
 STATE = {"adw_id": ADW, "issue_number": "7", "branch_name": None, "issue_class": "/feature"}
+
+
+def keys(*names: str) -> set[Change]:
+    """The changes named in the store's own spelling; ``agent:<name>`` is a folder appearing."""
+    out: set[Change] = set()
+    for name in names:
+        if name == "rescan":
+            out.add(RESCAN)
+        elif name.startswith("agent:"):
+            out.add(FileKey.transcript(name.removeprefix("agent:")))
+        else:
+            out.add(FileKey.parse(name))
+    return out
 
 
 class Run:
@@ -41,9 +56,9 @@ class Run:
         self.store = Store(config.storage.dir, ADW, "normal")
         self.pipeline = Pipeline(config, self.store)
 
-    def process(self, *keys: str) -> list[dict[str, Any]]:
+    def process(self, *names: str) -> list[dict[str, Any]]:
         """Process a batch and return the events it queued (then mark them delivered)."""
-        self.pipeline.process(set(keys))
+        self.pipeline.process(keys(*names))
         return self.take()
 
     def take(self) -> list[dict[str, Any]]:
@@ -106,17 +121,19 @@ def warnings_about(caplog: pytest.LogCaptureFixture, path: Path) -> list[str]:
 
 def test_classify(run: Run) -> None:
     d = run.dir
-    assert run.pipeline.classify(str(d / "adw_state.json")) == "state"
-    assert run.pipeline.classify(str(d / "completed_phases.json")) == "phases"
-    assert run.pipeline.classify(str(d / "error.log")) == "errorlog"
-    assert run.pipeline.classify(str(d / "sdlc_planner")) == "agent:sdlc_planner"
-    assert run.pipeline.classify(str(d / "sdlc_planner" / "raw_output.jsonl")) == (
-        "transcript:sdlc_planner"
+    classify = run.pipeline.layout.classify
+    assert classify(str(d / "adw_state.json")) == STATE_FILE
+    assert classify(str(d / "completed_phases.json")) == PHASES
+    assert classify(str(d / "error.log")) == ERRORLOG
+    # A folder appearing: its transcript may follow.
+    assert classify(str(d / "sdlc_planner")) == FileKey.transcript("sdlc_planner")
+    assert classify(str(d / "sdlc_planner" / "raw_output.jsonl")) == (
+        FileKey.transcript("sdlc_planner")
     )
-    assert run.pipeline.classify(str(d / "sdlc_planner" / "raw_output.json")) is None
-    assert run.pipeline.classify(str(d)) == "rescan"
-    assert run.pipeline.classify(str(d.parent)) == "rescan"
-    assert run.pipeline.classify("/elsewhere/adw_state.json") is None
+    assert classify(str(d / "sdlc_planner" / "raw_output.json")) is None
+    assert classify(str(d)) == RESCAN
+    assert classify(str(d.parent)) == RESCAN
+    assert classify("/elsewhere/adw_state.json") is None
 
 
 # -- adw_state.json ---------------------------------------------------------------------------
@@ -172,12 +189,12 @@ def test_unreadable_state_is_retried_quietly_then_warned_once(
     path = run.dir / "adw_state.json"
     path.write_text(json.dumps({**STATE, "branch_name": "x"})[:30])  # half written
     with caplog.at_level(logging.DEBUG, "adw_agent"):
-        outcome = run.pipeline.process({"state"})
-        assert outcome.retry == {"state"}
+        outcome = run.pipeline.process(keys("state"))
+        assert outcome.retry == keys("state")
         assert run.take() == []
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-        run.pipeline.report_unreadable("state")
-        run.pipeline.report_unreadable("state")
+        run.pipeline.report_unreadable(STATE_FILE)
+        run.pipeline.report_unreadable(STATE_FILE)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].path == str(path)  # type: ignore[attr-defined]
@@ -192,12 +209,12 @@ def test_a_symlinked_state_is_not_followed(run: Run, tmp_path: Path) -> None:
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps(STATE))
     (run.dir / "adw_state.json").symlink_to(outside)
-    assert run.pipeline.process({"state"}).retry == {"state"}
+    assert run.pipeline.process(keys("state")).retry == keys("state")
     assert run.take() == []
 
 
 def test_missing_state_is_not_an_error(run: Run) -> None:
-    outcome = run.pipeline.process({"state", "phases", "errorlog"})
+    outcome = run.pipeline.process(keys("state", "phases", "errorlog"))
     assert outcome.retry == set()
     assert run.take() == []
 
@@ -325,7 +342,7 @@ def test_a_phase_dropped_on_retry_is_reported(run: Run) -> None:
 
 def test_half_written_phases_are_retried(run: Run) -> None:
     (run.dir / "completed_phases.json").write_text('{"completed": ["pl')
-    assert run.pipeline.process({"phases"}).retry == {"phases"}
+    assert run.pipeline.process(keys("phases")).retry == keys("phases")
     assert run.take() == []
 
 
@@ -383,7 +400,7 @@ def test_a_failed_batch_records_nothing_and_is_read_again(run: Run) -> None:
     other.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(StorageError, match="locked"):
-            run.pipeline.process({"state", "errorlog"})
+            run.pipeline.process(keys("state", "errorlog"))
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -403,7 +420,7 @@ def test_an_error_inside_a_step_that_is_the_stores_fails_the_whole_batch(
 
     monkeypatch.setattr(Transaction, "put", disk_full)
     with pytest.raises(StorageError, match="disk is full"):
-        run.pipeline.process({"state", "errorlog"})
+        run.pipeline.process(keys("state", "errorlog"))
     monkeypatch.undo()
     assert run.take() == []
     assert types(run.process("state", "errorlog")) == ["workflow_failed", "workflow_update"]
@@ -602,11 +619,11 @@ def test_a_backlog_longer_than_one_batch_is_charged_before_the_phase_changes(
     run.write.phases(["Plan"], "Build")
     state_changed = {**STATE, "current_phase": "Build"}
     run.write.state(state_changed)
-    keys = {"transcript:planner", "phases", "state"}
+    pending = keys("transcript:planner", "phases", "state")
     batches = 0
-    while keys:
-        outcome = run.pipeline.process(keys)
-        keys = outcome.more
+    while pending:
+        outcome = run.pipeline.process(pending)
+        pending = set(outcome.more)
         batches += 1
     assert batches > 2
     events = run.take()

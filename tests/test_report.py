@@ -12,6 +12,7 @@ import pytest
 from agent import config as config_module
 from agent.config import Config
 from agent.errors import StorageError
+from agent.layout import PHASES, STATE, FileKey
 from agent.outbox import Queued, Store
 from agent.pipeline import Pipeline
 from agent.report import dead_letters, health, print_status, status_report
@@ -93,7 +94,7 @@ def test_status_shows_an_unreadable_transcript_state_and_goes_on(
 ) -> None:
     fill(config, store, writer)
     with store.transaction() as tx:
-        tx.put_json("transcript:broken", {"position": {}, "ledger": {"v": -1}})
+        tx.put_json(FileKey.transcript("broken"), {"position": {}, "ledger": {"v": -1}})
     report = status_report(config)
     assert "unreadable saved state" in report["transcripts"]["broken"]["error"]
     print_status(report)
@@ -181,8 +182,91 @@ def test_status_tells_how_the_run_ended(
     assert status_report(config)["ended"] is None
     writer.phases(["Plan"], "Build")
     writer.state({"adw_id": "55b761f6", "issue_number": "7", "end_time": "2026-11-30T12:00:00"})
-    Pipeline(config, store).process({"phases", "state"})
+    Pipeline(config, store).process({PHASES, STATE})
     report = status_report(config)
     assert report["ended"] == {"end_time": "2026-11-30T12:00:00", "kind": "failed"}
     print_status(report)
     assert "run ended     failed at 2026-11-30T12:00:00" in capsys.readouterr().out
+
+
+# -- host mode: per run and in total -----------------------------------------------------------
+
+
+@pytest.fixture
+def host_config(tmp_path: Path) -> Config:
+    root = tmp_path / "agents"
+    root.mkdir()
+    path = tmp_path / "host.toml"
+    path.write_text(
+        f'[adw]\nroot = "{root}"\n[backend]\nurl = "http://127.0.0.1:9"\n'
+        f'[storage]\ndir = "{tmp_path / "host-storage"}"\n[intervals]\nheartbeat = 10.0\n'
+    )
+    return config_module.load(path, environ={})
+
+
+def test_host_status_health_and_dead_letters_per_run(
+    host_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(host_config.storage.dir, None, "normal")
+    try:
+        for adw_id in ("55b761f6", "adw-0a1b2c3d", "55b761f6"):
+            AdwWriter(host_config.watched / adw_id).state({"adw_id": adw_id, "end_time": None})
+            Pipeline(host_config.for_run(host_config.watched / adw_id), store).snapshot()
+        with store.transaction("host") as tx:
+            tx.set_meta("heartbeat", {"at": time.time(), "pid": 1, "state": "running"})
+        rejected = dead_letter_head(store)
+        store.db.execute("UPDATE outbox SET created = created - 1000 WHERE adw_id = '55b761f6'")
+    finally:
+        store.close()
+
+    report = status_report(host_config)
+    assert report["mode"] == "host"
+    runs = report["runs"]
+    assert set(runs) == {"55b761f6", "adw-0a1b2c3d"}
+    # The head of the outbox was adw-0a1b2c3d's: the first run's were replaced by newer ones.
+    assert json.loads(rejected.body)["adw_id"] == "adw-0a1b2c3d"
+    assert runs["adw-0a1b2c3d"]["dead_letters"] == 1
+    assert runs["55b761f6"]["dead_letters"] == 0
+    assert report["dead_letters"] == 1
+    assert report["outbox_depth"] == sum(r["outbox_depth"] for r in runs.values())
+    assert runs["55b761f6"]["epoch"] < runs["adw-0a1b2c3d"]["epoch"]
+    print_status(report)
+    out = capsys.readouterr().out
+    assert "adw-0a1b2c3d" in out
+    assert "runs          2" in out
+
+    reason = health(host_config, 600, time.time())
+    assert reason is not None
+    assert "(ADW 55b761f6)" in reason
+
+    [row] = dead_letters(host_config, None, False)["dead_letters"]
+    assert (row["seq"], row["adw_id"]) == (rejected.seq, "adw-0a1b2c3d")
+    assert dead_letters(host_config, rejected.seq, False) == {"requeued": 1}
+
+
+def test_host_status_tells_how_each_run_ended(
+    host_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(host_config.storage.dir, None, "normal")
+    try:
+        for adw_id in ("55b761f6", "adw-0a1b2c3d"):
+            AdwWriter(host_config.watched / adw_id).state({"adw_id": adw_id, "end_time": None})
+            Pipeline(host_config.for_run(host_config.watched / adw_id), store).snapshot()
+        ending = AdwWriter(host_config.watched / "adw-0a1b2c3d")
+        ending.phases(["Plan"], "Build")
+        ending.state({"adw_id": "adw-0a1b2c3d", "end_time": "2026-11-30T12:00:00"})
+        run = Pipeline(host_config.for_run(host_config.watched / "adw-0a1b2c3d"), store)
+        run.process({PHASES, STATE})
+    finally:
+        store.close()
+
+    report = status_report(host_config)
+    # Each run ends on its own: the other run, and the agent's own status, have not ended.
+    assert report["runs"]["adw-0a1b2c3d"]["ended"] == {
+        "end_time": "2026-11-30T12:00:00",
+        "kind": "failed",
+    }
+    assert report["runs"]["55b761f6"]["ended"] is None
+    assert report["ended"] is None
+    print_status(report)
+    assert "ended failed at 2026-11-30T12:00:00" in capsys.readouterr().out

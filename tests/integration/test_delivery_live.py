@@ -105,7 +105,9 @@ def test_envelope_headers_and_one_event_id_across_retries(
             assert request.headers["Idempotency-Key"] == event["event_id"]
         assert request.headers["Content-Type"] == "application/json"
         assert request.headers["Authorization"] == f"Bearer {TOKEN}"
-        assert set(event) == {"type", "event_id", "adw_id", "seq", "timestamp", "source", "data"}
+        assert set(event) == {
+            *("type", "event_id", "adw_id", "seq", "epoch", "timestamp", "source", "data")
+        }
         assert event["adw_id"] == "55b761f6"
         assert event["source"] in {"event", "sync"}
         assert event["timestamp"].endswith("Z")
