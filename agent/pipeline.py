@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ from agent.notices import FileWarnings
 from agent.outbox import Store, Transaction
 from agent.read import latest_failure_tail, read_phases, read_state, read_tail
 from agent.transcript import Position, TranscriptError, TranscriptReader
+
+_DIGITS = re.compile(r"\d+")
 
 log = logging.getLogger("adw_agent.pipeline")
 
@@ -330,12 +333,15 @@ class Pipeline:
         return value
 
     def report_unreadable(self, key: FileKey) -> None:
-        """Retries for ``key`` ran out: warn once, with the path, and keep the last good state."""
+        """Retries for ``key`` ran out: warn once per kind of problem, with the path, and keep
+        the last good state."""
         exc = self._last_read_error.get(key)
         if exc is not None:
+            # The kind of problem, not its figures: a file seen empty mid-write and then too
+            # large is two problems, but a file growing past the limit is one.
             self._warnings.warn(
                 key,
-                "unreadable",
+                "unreadable: " + _DIGITS.sub("N", exc.reason),
                 "ignoring unreadable file, keeping the last good state: %s",
                 exc.reason,
                 path=exc.path,

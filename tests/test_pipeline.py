@@ -205,6 +205,29 @@ def test_unreadable_state_is_retried_quietly_then_warned_once(
     assert event["data"]["changed"] == ["branch_name"]
 
 
+def test_a_state_that_goes_bad_in_another_way_is_warned_about_again(
+    run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer that truncates and then writes a huge file is first seen empty, then over the
+    # limit: the second problem must not hide behind the first one's warning.
+    run.write.state(STATE)
+    run.process("state")
+    path = run.dir / "adw_state.json"
+    with caplog.at_level(logging.WARNING, "adw_agent"):
+        path.write_text("")
+        run.pipeline.process(keys("state"))
+        run.pipeline.report_unreadable(STATE_FILE)
+        limit = run.pipeline.config.limits.max_state_bytes
+        for extra in (1, 2):  # the same problem with another size is not warned about again
+            path.write_text(json.dumps({**STATE, "nl_input": "x" * (limit + extra)}))
+            run.pipeline.process(keys("state"))
+            run.pipeline.report_unreadable(STATE_FILE)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 2, messages
+    assert "is empty" in messages[0]
+    assert "-byte limit" in messages[1]
+
+
 def test_a_symlinked_state_is_not_followed(run: Run, tmp_path: Path) -> None:
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps(STATE))
