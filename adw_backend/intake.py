@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
@@ -49,12 +50,24 @@ def _envelope_error(exc: ValidationError, batch: bool) -> BackendError:
     return InvalidEvent(f"{where}invalid envelope: {_reason(error)}")
 
 
+def _strict_json(body: bytes) -> None:
+    """pydantic's JSON parser takes ``NaN`` and ``Infinity``, which are not JSON and would be
+    stored as null: such a body is refused. Only a body that spells one of them (in a string,
+    usually) pays for the second, strict parse."""
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"body is not JSON: {str(exc).splitlines()[0]}") from None
+
+
 def parse_one(body: bytes) -> tuple[EventView, str]:
     """The event in ``body``, checked, or a :class:`BadInput` with one line."""
     try:
         event = Event.model_validate_json(body)
     except ValidationError as exc:
         raise _envelope_error(exc, batch=False) from None
+    _strict_json(body)
     return check_event(event)
 
 
@@ -64,6 +77,7 @@ def parse_batch(body: bytes, limit: int) -> list[tuple[EventView, str]]:
         events = _BATCH.validate_json(body)
     except ValidationError as exc:
         raise _envelope_error(exc, batch=True) from None
+    _strict_json(body)
     if len(events) > limit:
         raise TooLarge(f"more than {limit} events in one batch")
     return [check_event(event, f"event {i}: ") for i, event in enumerate(events)]
@@ -98,6 +112,12 @@ def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
     except ValidationError as exc:
         reason = _reason(exc.errors()[0])
         raise InvalidEvent(f"{where}data does not fit {event.type}: {reason}") from None
+    try:
+        # What the store and the WebSocket messages will have to write: JSON parsers take
+        # integers of any size, orjson (and PostgreSQL's bigint-minded clients) do not.
+        orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEvent(f"{where}data does not fit {event.type}: {exc}") from None
     view: EventView = {
         "type": event.type,
         "event_id": event.event_id,
