@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import anyio
+import orjson
 from pydantic import SecretStr
 
-from adw_backend.broadcast import Hub, PgListener, event_message
+from adw_backend.broadcast import Hub, PgListener
 from adw_backend.errors import DatabaseUnavailable, Unauthorized
 from adw_backend.projection import EventView, Projection
 from adw_backend.settings import Settings
@@ -71,12 +72,13 @@ class Service:
 
     async def ingest(self, batch: list[EventView], sources: list[str]) -> Outcome:
         await self.start()
+        # Published from the writing thread right after the commit (on SQLite, before the next
+        # write begins): the clients see the events in the order they were committed, even
+        # when requests overlap.
         outcome = await anyio.to_thread.run_sync(
-            self.store.ingest, list(zip(batch, sources, strict=True))
+            self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
         )
         for item in outcome.applied:
-            if self.hub.clients:
-                self.hub.publish(event_message(item))
             await self._notify(item)
         return outcome
 
@@ -84,12 +86,15 @@ class Service:
         if self.on_applied is None:
             return
         callback = self.on_applied
+        # The store keeps (and shares) the projections it folds: the host gets its own copy,
+        # which it may change.
+        projection: Projection = orjson.loads(orjson.dumps(item.projection))
         try:
             if inspect.iscoroutinefunction(callback):
-                await callback(item.projection)
+                await callback(projection)
             else:
                 # A plain function may block (the host's own database): keep it off the loop.
-                result = await anyio.to_thread.run_sync(callback, item.projection)
+                result = await anyio.to_thread.run_sync(callback, projection)
                 if inspect.isawaitable(result):
                     await result
         except Exception:
