@@ -115,7 +115,7 @@ def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
     try:
         # What the store and the WebSocket messages will have to write: JSON parsers take
         # integers of any size, orjson (and PostgreSQL's bigint-minded clients) do not.
-        orjson.dumps(data)
+        data_json = orjson.dumps(data).decode()
     except orjson.JSONEncodeError as exc:
         raise InvalidEvent(f"{where}data does not fit {event.type}: {exc}") from None
     view: EventView = {
@@ -126,6 +126,7 @@ def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
         "seq": event.seq,
         "timestamp": timestamp,
         "data": data,
+        "data_json": data_json,
     }
     return view, event.source
 

@@ -29,7 +29,7 @@ coarser while recent history stays exact.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 #: Completed phases kept per workflow, and the longest phase name kept.
 MAX_PHASES = 100
@@ -106,6 +106,8 @@ class EventView(TypedDict):
     seq: int
     timestamp: str
     data: dict[str, Any]
+    #: ``data`` as JSON, when the intake already wrote it (the store then writes it as is).
+    data_json: NotRequired[str]
 
 
 def new_projection(adw_id: str) -> Projection:

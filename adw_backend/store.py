@@ -338,7 +338,7 @@ class Store:
                         ev["type"],
                         ev["timestamp"],
                         source,
-                        _json(ev["data"]),
+                        ev.get("data_json") or _json(ev["data"]),
                         received,
                     )
                     for ev, source in new
