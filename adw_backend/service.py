@@ -4,6 +4,7 @@ callback, started once per process (by the router's lifespan, or by the first re
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import inspect
 import logging
@@ -120,4 +121,7 @@ class Service:
 
 
 def _same(given: bytes, token: SecretStr) -> bool:
-    return hmac.compare_digest(given, token.get_secret_value().encode())
+    # Digests of equal length: compare_digest on the raw values returns at once when the
+    # lengths differ, which would tell a caller how long the token is.
+    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    return hmac.compare_digest(hashlib.sha256(given).digest(), expected)
