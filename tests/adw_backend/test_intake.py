@@ -72,3 +72,23 @@ def test_numbers_json_cannot_carry_are_refused() -> None:
     # The words inside a string are text, not numbers.
     fine = workflow_update("a1", 2, note="NaN and Infinity")
     assert parse_one(orjson.dumps(fine))[0]["data"]["note"] == "NaN and Infinity"
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("2026-11-30T12:00:00.000Z", "2026-11-30T12:00:00.000Z"),
+        ("2026-11-30 12:00:00.000Z", "2026-11-30T12:00:00.000Z"),
+        ("2026-11-30T12:00:00.5+00:00", "2026-11-30T12:00:00.500Z"),
+        ("2026-11-30T12:00:00", "2026-11-30T12:00:00.000Z"),
+    ],
+)
+def test_timestamps_in_one_spelling(sent: str, kept: str) -> None:
+    view, _ = parse_one(orjson.dumps({**workflow_update("a1", 1, b="x"), "timestamp": sent}))
+    assert view["timestamp"] == kept
+
+
+@pytest.mark.parametrize("sent", ["2026-11-30T12:00:0a.000Z", "2026-02-30T12:00:00.000Z", "x"])
+def test_timestamps_that_are_not_dates(sent: str) -> None:
+    with pytest.raises(InvalidEvent, match="timestamp: not ISO 8601"):
+        parse_one(orjson.dumps({**workflow_update("a1", 1, b="x"), "timestamp": sent}))
