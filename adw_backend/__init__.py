@@ -44,7 +44,7 @@ Projection (JSON) per ADW
 
     {"adw_id", "status": "running"|"completed"|"failed",
      "state": {every key of the newest adw_state.json snapshot},
-     "current_phase", "completed_phases": [...], "phase_costs": {phase: float|null},
+     "current_phase", "completed_phases": [...], "phase_costs": {phase: float|null},  # ≤ 100
      "failed_phase", "last_error",
      "cost": {"current_cost", "settled_cost", "final", "estimated_share",
               "estimate_complete", "tokens": {...}, "breakdown": {...}},
@@ -54,7 +54,8 @@ Projection (JSON) per ADW
                "dead_letters"},
      "created_at", "updated_at", "ended_at"}   # event timestamps (ISO 8601) or null
 
-Values never seen are null (``cost.final`` false, ``tokens``/``breakdown`` empty).
+Values never seen are null (``cost.final`` false, ``tokens``/``breakdown`` empty). At most 100
+completed phases are kept per workflow, and phase names are cut to 200 characters.
 
 WebSocket messages
 ------------------

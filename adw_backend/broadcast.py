@@ -149,6 +149,19 @@ class Hub:
                 )
                 client.drop()
 
+    def publish_applied(self, items: list[Applied]) -> None:
+        """From the writing thread, right after a commit: one message per applied event, in
+        order (the loop runs callbacks in the order they were scheduled)."""
+        if self._clients and self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: shutting down
+                self.loop.call_soon_threadsafe(self._publish_all, items)
+
+    def _publish_all(self, items: list[Applied]) -> None:
+        for item in items:
+            if not self._clients:
+                return
+            self.publish(event_message(item))
+
     def publish_threadsafe(self, message: dict[str, Any]) -> None:
         if self.loop is not None and not self.loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: shutting down

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
@@ -49,12 +50,24 @@ def _envelope_error(exc: ValidationError, batch: bool) -> BackendError:
     return InvalidEvent(f"{where}invalid envelope: {_reason(error)}")
 
 
+def _strict_json(body: bytes) -> None:
+    """pydantic's JSON parser takes ``NaN`` and ``Infinity``, which are not JSON and would be
+    stored as null: such a body is refused. Only a body that spells one of them (in a string,
+    usually) pays for the second, strict parse."""
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"body is not JSON: {str(exc).splitlines()[0]}") from None
+
+
 def parse_one(body: bytes) -> tuple[EventView, str]:
     """The event in ``body``, checked, or a :class:`BadInput` with one line."""
     try:
         event = Event.model_validate_json(body)
     except ValidationError as exc:
         raise _envelope_error(exc, batch=False) from None
+    _strict_json(body)
     return check_event(event)
 
 
@@ -64,6 +77,7 @@ def parse_batch(body: bytes, limit: int) -> list[tuple[EventView, str]]:
         events = _BATCH.validate_json(body)
     except ValidationError as exc:
         raise _envelope_error(exc, batch=True) from None
+    _strict_json(body)
     if len(events) > limit:
         raise TooLarge(f"more than {limit} events in one batch")
     return [check_event(event, f"event {i}: ") for i, event in enumerate(events)]
@@ -86,18 +100,20 @@ def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
             raise InvalidEvent(f"{where}invalid envelope: {name}: over {MAX_INT}")
     # One spelling (UTC, milliseconds, Z), so that timestamps compare as strings everywhere.
     try:
-        moment = datetime.fromisoformat(event.timestamp)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        utc = moment.astimezone(UTC)
+        timestamp = _utc_millis(event.timestamp)
     except (ValueError, OverflowError):
         raise InvalidEvent(f"{where}invalid envelope: timestamp: not ISO 8601") from None
-    timestamp = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     try:
         data = check_data(event.type, event.data)
     except ValidationError as exc:
         reason = _reason(exc.errors()[0])
         raise InvalidEvent(f"{where}data does not fit {event.type}: {reason}") from None
+    try:
+        # What the store and the WebSocket messages will have to write: JSON parsers take
+        # integers of any size, orjson (and PostgreSQL's bigint-minded clients) do not.
+        data_json = orjson.dumps(data).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEvent(f"{where}data does not fit {event.type}: {exc}") from None
     view: EventView = {
         "type": event.type,
         "event_id": event.event_id,
@@ -106,8 +122,27 @@ def check_event(event: Event, where: str = "") -> tuple[EventView, str]:
         "seq": event.seq,
         "timestamp": timestamp,
         "data": data,
+        "data_json": data_json,
     }
     return view, event.source
+
+
+#: Where the separators of ``2026-11-30T12:00:00.000Z`` are.
+_SEPARATORS = ((4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":"), (19, "."), (23, "Z"))
+
+
+def _utc_millis(text: str) -> str:
+    """``text`` in the one spelling; ValueError or OverflowError if it is not ISO 8601.
+
+    The agent already sends that spelling: it is only checked (a real date, digits where they
+    belong), not rebuilt, which is most of the time an event's envelope takes here.
+    """
+    moment = datetime.fromisoformat(text)
+    if len(text) == 24 and all(text[i] == c for i, c in _SEPARATORS):
+        return text
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

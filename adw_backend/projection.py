@@ -15,6 +15,12 @@ never makes the picture older:
 - Seq 0 never advances a counter: it applies when its timestamp is not older than the part
   it would replace, and leaves the marks as they were.
 
+A workflow's picture is bounded whatever the agent sends: at most :data:`MAX_PHASES`
+completed phases are kept (the earliest recorded; a phase beyond them is ignored, with its
+cost), and phase names are cut to :data:`MAX_PHASE_NAME` characters wherever the projection
+keeps them (current, completed, failed phase, cost points). tac-webbuilder has eight phases
+with short names.
+
 ``cost_points`` keeps one point per ``cost_update`` (late ones included, in time order) and is
 bounded: when full, every second point of the older half is dropped, so old history gets
 coarser while recent history stays exact.
@@ -23,7 +29,11 @@ coarser while recent history stays exact.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
+
+#: Completed phases kept per workflow, and the longest phase name kept.
+MAX_PHASES = 100
+MAX_PHASE_NAME = 200
 
 Status = Literal["running", "completed", "failed"]
 Key = tuple[int, int]
@@ -96,6 +106,8 @@ class EventView(TypedDict):
     seq: int
     timestamp: str
     data: dict[str, Any]
+    #: ``data`` as JSON, when the intake already wrote it (the store then writes it as is).
+    data_json: NotRequired[str]
 
 
 def new_projection(adw_id: str) -> Projection:
@@ -158,6 +170,11 @@ def _fresh(event: EventView, marks: Marks, kind: str, shown_at: str | None) -> b
     return _newer(marks, kind, (event["epoch"], event["seq"]))
 
 
+def _name(phase: Any) -> str | None:
+    """A phase name as the projection keeps it (bounded), or None."""
+    return phase[:MAX_PHASE_NAME] if isinstance(phase, str) else None
+
+
 def thin(points: list[CostPoint], limit: int) -> list[CostPoint]:
     """Bound ``points``: drop every second point of the older half until it fits."""
     while len(points) > limit:
@@ -217,7 +234,7 @@ def apply(
     elif kind == "workflow_failed":
         out["status"] = "failed"
         if _newer(marks, kind, key):
-            out["failed_phase"] = data.get("current_phase")
+            out["failed_phase"] = _name(data.get("current_phase"))
             out["last_error"] = data.get("error_excerpt") or data.get("reason")
             out["ended_at"] = stamp
             marks = _advance(marks, kind, event)
@@ -231,7 +248,7 @@ def _add_point(points: list[CostPoint], event: EventView, limit: int) -> list[Co
     point: CostPoint = {
         "t": event["timestamp"],
         "cost": float(data["current_cost"]),
-        "phase": data.get("current_phase"),
+        "phase": _name(data.get("current_phase")),
     }
     if not points or points[-1]["t"] <= point["t"]:
         return thin([*points, point], limit)
@@ -246,7 +263,9 @@ def _record_phases(
     known = dict(marks["phases"])
     for index, phase in enumerate(phases):
         order = [key[0], key[1], index]
-        if phase not in known or order < known[phase]:
+        if phase in known:
+            known[phase] = min(known[phase], order)
+        elif len(known) < MAX_PHASES:
             known[phase] = order
     completed = sorted(known, key=lambda p: (known[p], p))
     costs = dict(projection["phase_costs"])
@@ -262,12 +281,12 @@ def _phase(
     projection: Projection, marks: Marks, event: EventView, key: Key
 ) -> tuple[Projection, Marks]:
     data = event["data"]
-    done = data.get("completed_phase")
-    listed = list(data.get("completed_phases") or [])
+    done = _name(data.get("completed_phase"))
+    listed = [_name(p) or "" for p in data.get("completed_phases") or []]
     if done and done not in listed:
         listed.append(done)
     projection, marks = _record_phases(projection, marks, listed, key)
-    if done:
+    if done and done in marks["phases"]:
         last = marks["phase_cost_keys"].get(done)
         if last is None or list(key) > last:
             costs = dict(projection["phase_costs"])
@@ -275,7 +294,7 @@ def _phase(
             projection = {**projection, "phase_costs": costs}
             marks = {**marks, "phase_cost_keys": {**marks["phase_cost_keys"], done: list(key)}}
     if event["seq"] != 0 and _newer(marks, "phase_update", key):
-        projection = {**projection, "current_phase": data.get("current_phase")}
+        projection = {**projection, "current_phase": _name(data.get("current_phase"))}
         marks = _advance(marks, "phase_update", event)
     return projection, marks
 
@@ -284,7 +303,8 @@ def _completed(
     projection: Projection, marks: Marks, event: EventView, key: Key
 ) -> tuple[Projection, Marks]:
     data = event["data"]
-    projection, marks = _record_phases(projection, marks, list(data["completed_phases"]), key)
+    listed = [_name(p) or "" for p in data["completed_phases"]]
+    projection, marks = _record_phases(projection, marks, listed, key)
     if projection["status"] == "failed" or not _newer(marks, "workflow_completed", key):
         return projection, marks
     marks = _advance(marks, "workflow_completed", event)

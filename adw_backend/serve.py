@@ -8,6 +8,7 @@ messages go to standard error.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import logging
 import signal
@@ -63,6 +64,22 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off what lives as long as the process.
+
+    A batch of 1,000 events allocates tens of thousands of containers, which triggers
+    collections; each full one walks every object alive, and most of those are the modules
+    (FastAPI, SQLAlchemy, pydantic) loaded at start. Freezing them leaves only the request's
+    own objects to scan (measured: parsing a batch takes about half the time), and a larger
+    first threshold makes a batch trigger fewer collections; memory stays bounded, as
+    reference counting frees nearly everything and collections still run.
+    """
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(10_000, gen1, gen2)
+
+
 def run(settings: Settings, host: str, port: int, log_level: str = "warning") -> int:
     """Serve until interrupted; returns the exit code."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -83,5 +100,6 @@ def run(settings: Settings, host: str, port: int, log_level: str = "warning") ->
         ws=_ws_protocol(),
     )
     server = _Server(config)
+    _tune_gc()
     server.run(sockets=[sock])
     return 0

@@ -4,6 +4,7 @@ callback, started once per process (by the router's lifespan, or by the first re
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import inspect
 import logging
@@ -11,9 +12,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import anyio
+import orjson
 from pydantic import SecretStr
 
-from adw_backend.broadcast import Hub, PgListener, event_message
+from adw_backend.broadcast import Hub, PgListener
 from adw_backend.errors import DatabaseUnavailable, Unauthorized
 from adw_backend.projection import EventView, Projection
 from adw_backend.settings import Settings
@@ -71,12 +73,13 @@ class Service:
 
     async def ingest(self, batch: list[EventView], sources: list[str]) -> Outcome:
         await self.start()
+        # Published from the writing thread right after the commit (on SQLite, before the next
+        # write begins): the clients see the events in the order they were committed, even
+        # when requests overlap.
         outcome = await anyio.to_thread.run_sync(
-            self.store.ingest, list(zip(batch, sources, strict=True))
+            self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
         )
         for item in outcome.applied:
-            if self.hub.clients:
-                self.hub.publish(event_message(item))
             await self._notify(item)
         return outcome
 
@@ -84,12 +87,15 @@ class Service:
         if self.on_applied is None:
             return
         callback = self.on_applied
+        # The store keeps (and shares) the projections it folds: the host gets its own copy,
+        # which it may change.
+        projection: Projection = orjson.loads(orjson.dumps(item.projection))
         try:
             if inspect.iscoroutinefunction(callback):
-                await callback(item.projection)
+                await callback(projection)
             else:
                 # A plain function may block (the host's own database): keep it off the loop.
-                result = await anyio.to_thread.run_sync(callback, item.projection)
+                result = await anyio.to_thread.run_sync(callback, projection)
                 if inspect.isawaitable(result):
                     await result
         except Exception:
@@ -115,4 +121,7 @@ class Service:
 
 
 def _same(given: bytes, token: SecretStr) -> bool:
-    return hmac.compare_digest(given, token.get_secret_value().encode())
+    # Digests of equal length: compare_digest on the raw values returns at once when the
+    # lengths differ, which would tell a caller how long the token is.
+    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    return hmac.compare_digest(hashlib.sha256(given).digest(), expected)

@@ -7,13 +7,20 @@ ones actually inserted are folded into their workflows' projections, each workfl
 (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite has one writer, serialised here) so that two
 replicas never lose each other's update. On PostgreSQL the same transaction sends a
 ``NOTIFY`` so the other replicas broadcast what this one applied.
+
+On SQLite this process is the one writer, so it keeps the projections it last committed in
+memory (bounded, least recently used out first) instead of reading them back and decoding
+them for every request. The cache is filled only after a commit and emptied of a workflow as it
+is deleted, both while this process holds its write turn; a restart starts empty and reads the
+file. PostgreSQL, where other replicas write too, always reads the rows it locks.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +43,11 @@ from adw_backend.projection import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Projections kept in memory on SQLite: at most this many workflows, and this many bytes of
+#: their JSON (a workflow whose JSON is over an eighth of it is never kept).
+CACHE_WORKFLOWS = 2000
+CACHE_BYTES = 32 * 1024 * 1024
 
 #: Ids looked up per statement: under SQLite's smallest limit on bound parameters (999).
 _SQLITE_CHUNK = 900
@@ -88,6 +100,42 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+class _Projections:
+    """The projections last committed by this process (SQLite only), least recently used
+    first out; bounded in workflows and in bytes of JSON."""
+
+    def __init__(self, max_items: int = CACHE_WORKFLOWS, max_bytes: int = CACHE_BYTES) -> None:
+        self._items: OrderedDict[str, tuple[Projection, Marks, int]] = OrderedDict()
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, adw_id: str) -> tuple[Projection, Marks] | None:
+        found = self._items.get(adw_id)
+        if found is None:
+            return None
+        self._items.move_to_end(adw_id)
+        return found[0], found[1]
+
+    def put(self, adw_id: str, projection: Projection, marks: Marks, size: int) -> None:
+        self.discard(adw_id)
+        if size > self._max_bytes // 8:
+            return
+        self._items[adw_id] = (projection, marks, size)
+        self._bytes += size
+        while len(self._items) > self._max_items or self._bytes > self._max_bytes:
+            _, (_, _, gone) = self._items.popitem(last=False)
+            self._bytes -= gone
+
+    def discard(self, adw_id: str) -> None:
+        found = self._items.pop(adw_id, None)
+        if found is not None:
+            self._bytes -= found[2]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -131,13 +179,25 @@ class Store:
         # Names this process in its notices, so that it does not broadcast its own twice.
         self.origin = origin
         # SQLite has a single writer: taking turns here avoids "database is locked" retries.
-        self._write_lock = threading.Lock() if not self.is_postgres else None
+        # Reentrant: a write holds it from before its transaction until after its commit.
+        self._write_lock = threading.RLock() if not self.is_postgres else None
+        self._cache = _Projections() if not self.is_postgres else None
         self._ready = False
         self._setup_lock = threading.Lock()
         # received_at as SQLAlchemy itself would store it, so that it reads back the same.
         self._sqlite_time = events.c.received_at.type.bind_processor(self.engine.dialect) or str
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write (SQLite), held across a transaction and what follows
+        its commit; nothing to take on PostgreSQL."""
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def _begin(self, write: bool) -> Iterator[Connection]:
@@ -180,16 +240,30 @@ class Store:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def ingest(self, batch: Sequence[tuple[EventView, str]]) -> Outcome:
-        """Store ``batch`` (events and their sources) and fold the new ones, atomically."""
+    def ingest(
+        self,
+        batch: Sequence[tuple[EventView, str]],
+        committed: Callable[[list[Applied]], None] | None = None,
+    ) -> Outcome:
+        """Store ``batch`` (events and their sources) and fold the new ones, atomically.
+
+        ``committed(applied)`` is called right after the commit, before the next write on
+        SQLite begins, so that what it publishes is in commit order.
+        """
         if not batch:
             return Outcome([], 0)
-        with self._begin(write=True) as conn:
-            if self.is_postgres:
-                new = self._insert_pg(conn, batch)
-            else:
-                new = self._insert_sqlite(conn, batch)
-            applied = self._fold(conn, new)
+        with self._turn():
+            with self._begin(write=True) as conn:
+                if self.is_postgres:
+                    new = self._insert_pg(conn, batch)
+                else:
+                    new = self._insert_sqlite(conn, batch)
+                applied, written = self._fold(conn, new)
+            if self._cache is not None:
+                for adw_id, (projection, marks, size) in written.items():
+                    self._cache.put(adw_id, projection, marks, size)
+            if committed is not None and applied:
+                committed(applied)
         return Outcome(applied, len(batch) - len(applied))
 
     def _insert_pg(
@@ -264,7 +338,7 @@ class Store:
                         ev["type"],
                         ev["timestamp"],
                         source,
-                        _json(ev["data"]),
+                        ev.get("data_json") or _json(ev["data"]),
                         received,
                     )
                     for ev, source in new
@@ -272,17 +346,34 @@ class Store:
             )
         return new
 
-    def _fold(self, conn: Connection, new: list[tuple[EventView, str]]) -> list[Applied]:
+    def _fold(
+        self, conn: Connection, new: list[tuple[EventView, str]]
+    ) -> tuple[list[Applied], dict[str, tuple[Projection, Marks, int]]]:
+        """Fold ``new`` into their workflows and write them; what was written, with the size
+        of each projection's JSON, is for the cache once the transaction commits."""
         if not new:
-            return []
+            return [], {}
         ids = sorted({ev["adw_id"] for ev, _ in new})
-        current = self._lock_workflows(conn, ids)
+        current: dict[str, tuple[Projection, Marks]] = {}
+        missing = ids
+        if self._cache is not None:
+            missing = []
+            for adw_id in ids:
+                hit = self._cache.get(adw_id)
+                if hit is None:
+                    missing.append(adw_id)
+                else:
+                    current[adw_id] = hit
+        if missing:
+            current.update(self._lock_workflows(conn, missing))
         applied: list[Applied] = []
         for ev, source in new:
             projection, marks = current[ev["adw_id"]]
             projection, marks = apply(projection, marks, ev, cost_points=self._cost_points)
             current[ev["adw_id"]] = (projection, marks)
             applied.append(Applied(ev, source, projection))
+        if self._cache is not None:
+            return applied, self._write_sqlite(conn, current)
         conn.execute(
             workflows.update()
             .where(workflows.c.adw_id == sa.bindparam("key"))
@@ -308,7 +399,27 @@ class Store:
                 conn,
                 [_json({"event_id": a.event["event_id"], "origin": self.origin}) for a in applied],
             )
-        return applied
+        return applied, {}
+
+    def _write_sqlite(
+        self, conn: Connection, current: dict[str, tuple[Projection, Marks]]
+    ) -> dict[str, tuple[Projection, Marks, int]]:
+        """The projections written with one plain ``executemany`` (the JSON encoded here, once,
+        and its size kept for the cache's bound)."""
+        written: dict[str, tuple[Projection, Marks, int]] = {}
+        rows: list[tuple[str, str, str, str | None, str]] = []
+        for adw_id, (projection, marks) in current.items():
+            text = _json(projection)
+            rows.append(
+                (projection["status"], text, _json(marks), projection["updated_at"], adw_id)
+            )
+            written[adw_id] = (projection, marks, len(text))
+        conn.exec_driver_sql(
+            "UPDATE adw_workflows SET status = ?, projection = ?, marks = ?, updated_at = ?"
+            " WHERE adw_id = ?",
+            rows,
+        )
+        return written
 
     def _notify(self, conn: Connection, payloads: list[str]) -> None:
         """Queue one notice per payload, sent by PostgreSQL when the transaction commits;
@@ -353,6 +464,9 @@ class Store:
     def delete(self, adw_id: str) -> None:
         """Forget a workflow and its events (an operator's decision, e.g. a failed run)."""
         with self._begin(write=True) as conn:
+            if self._cache is not None:
+                # Under the write turn: no write can put it back before the delete commits.
+                self._cache.discard(adw_id)
             gone = conn.execute(workflows.delete().where(workflows.c.adw_id == adw_id)).rowcount
             conn.execute(events.delete().where(events.c.adw_id == adw_id))
             if not gone:

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adw_backend.projection import (
+    MAX_PHASE_NAME,
+    MAX_PHASES,
     EventView,
     Marks,
     Projection,
@@ -187,3 +189,36 @@ def test_thin_keeps_order_and_bound() -> None:
     thinned = thin(points, 300)  # type: ignore[arg-type]
     assert len(thinned) <= 300
     assert [p["t"] for p in thinned] == sorted(p["t"] for p in thinned)
+
+
+def test_phases_are_bounded() -> None:
+    """An agent that invents phases without end cannot grow a workflow without end."""
+    events = [
+        view(factory.phase_update("a1", seq, f"P{seq}", [f"P{seq - 1}"], f"P{seq - 1}", 1.0))
+        for seq in range(1, 3 * MAX_PHASES)
+    ]
+    events.append(view(factory.completed("a1", 3 * MAX_PHASES, [f"Q{i}" for i in range(500)])))
+    projection, marks = fold(events)
+    assert len(projection["completed_phases"]) == MAX_PHASES
+    assert projection["completed_phases"][:2] == ["P0", "P1"]
+    assert len(projection["phase_costs"]) == MAX_PHASES
+    assert len(marks["phases"]) == MAX_PHASES
+    assert len(marks["phase_cost_keys"]) == MAX_PHASES
+    assert projection["phase_costs"]["P0"] == 1.0
+    # A phase already kept still gets its cost; the current phase still moves.
+    assert projection["current_phase"] == f"P{3 * MAX_PHASES - 1}"
+
+    long = "x" * 10 * MAX_PHASE_NAME
+    projection, _ = fold(
+        [
+            view(factory.phase_update("a1", 1, long, [long], long, 2.0)),
+            view(factory.cost_update("a1", 2, 1.0, long)),
+            view(factory.failed("a1", 3, long)),
+        ]
+    )
+    cut = long[:MAX_PHASE_NAME]
+    assert projection["current_phase"] == cut
+    assert projection["completed_phases"] == [cut]
+    assert projection["phase_costs"] == {cut: 2.0}
+    assert projection["cost_points"][0]["phase"] == cut
+    assert projection["failed_phase"] == cut
