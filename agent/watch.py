@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,15 @@ from agent.config import Config, WatchMode
 from agent.errors import ConfigError
 
 log = logging.getLogger("adw_agent.watch")
+
+# A recursive inotify watch registers every directory under the root. One the agent may not
+# enter (a run's private .gh-config/, which holds a GitHub token) fails to register, and
+# watchdog then warns on stderr, outside the agent's JSON log, with that directory's full
+# path. The agent reads nothing under hidden directories; the warning would only put their
+# names in the log.
+warnings.filterwarnings(
+    "ignore", message="Callback with id", category=RuntimeWarning, module=r"watchdog\."
+)
 
 _EVENTS = [
     FileCreatedEvent,
