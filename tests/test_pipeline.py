@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-import agent.pipeline
+import agent.pipeline_cost
 from agent.account import OTHER, TranscriptLedger, cost_of_path
 from agent.config import Config, load
 from agent.errors import StorageError
@@ -611,7 +611,7 @@ def test_catch_up_after_a_restart_charges_the_phase_that_ended(run: Run) -> None
 def test_a_backlog_longer_than_one_batch_is_charged_before_the_phase_changes(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agent.pipeline, "_READ_BUDGET", 4096)
+    monkeypatch.setattr(agent.pipeline_cost, "_READ_BUDGET", 4096)
     # Over the reader's 1 MiB reads, so the transcript takes several batches; the result line
     # at the end covers every message before it.
     padding = "x" * 1000

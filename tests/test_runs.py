@@ -205,7 +205,7 @@ def test_every_run_shares_one_dedup_budget(host: Host) -> None:
     host.runs.step(1e9)
     budget = host.runs.window_budget
     remembered = [
-        unit.pipeline._transcripts[FileKey.transcript("builder")].ledger.remembered
+        unit.pipeline.costs._transcripts[FileKey.transcript("builder")].ledger.remembered
         for unit in host.runs.units.values()
     ]
     assert len(remembered) == 2
