@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from agent.account.figures import MAX_COUNT, MAX_RESULT_USD
+from agent.account.figures import MAX_COUNT, MAX_NAME, MAX_RESULT_USD, OTHER
 
 #: Content blocks of one line that are measured; the rest are ignored.
 _MAX_BLOCKS = 4096
@@ -60,6 +60,43 @@ class BadLines:
         if kind not in self.warned:
             self.warned.add(kind)
             self.warn(f"{message()} (later lines like it are only counted)")
+
+
+class Message(NamedTuple):
+    """What an assistant line says about its message, every field checked."""
+
+    #: None when the line names no sane id: it then counts as a message of its own.
+    msg_id: str | None
+    model: str
+    usage: Usage
+    chars: int
+
+
+def read_assistant(line: Mapping[str, Any], bad: BadLines) -> Message | None:
+    """The message of an assistant line; None (counted in ``bad`` if malformed) if it has none."""
+    message = line.get("message")
+    if not isinstance(message, Mapping):
+        return None
+    raw_usage = message.get("usage")
+    if not isinstance(raw_usage, Mapping):
+        return None
+    usage = parse_usage(raw_usage)
+    if usage is None:
+        bad.add("usage", lambda: f"assistant line with malformed usage: {brief(raw_usage)}")
+        return None
+    model = message.get("model")
+    if not isinstance(model, str):
+        model = ""
+    elif len(model) > MAX_NAME:
+        # Not a model id anyone uses: priced as unknown, and never kept at this length.
+        model = OTHER
+    chars = content_chars(message.get("content"))
+    msg_id = message.get("id")
+    if not isinstance(msg_id, str) or len(msg_id) > MAX_NAME:
+        # Nothing (sane) to deduplicate on. The window keeps ids, so an unbounded one must
+        # never get there.
+        msg_id = None
+    return Message(msg_id, model, usage, chars)
 
 
 def _count(value: object) -> int:

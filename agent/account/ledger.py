@@ -19,8 +19,9 @@ a message's output is taken as the larger of the reported count and its content'
 
 Calibration: every result line that settles priced messages records the USD it added, the
 message-priced estimate of those messages, and the part of the USD that ``modelUsage`` puts on
-the models those messages named. A ratio of such sums, bounded to [:data:`MIN_RATIO`,
-:data:`MAX_RATIO`] and 1 until :data:`MIN_EVIDENCE_USD` of estimates have settled, scales
+the models those messages named. A ratio of such sums, bounded to
+[:data:`~agent.account.figures.MIN_RATIO`, :data:`~agent.account.figures.MAX_RATIO`] and 1
+until :data:`~agent.account.figures.MIN_EVIDENCE_USD` of estimates have settled, scales
 unsettled estimates (:func:`run_figures`). A transcript's ratio pools its own evidence in
 full, which covers its helper-model calls and its CLI's prices, with the other transcripts'
 evidence counted only for its *shown* part. A CLI's price quirks and hidden calls of the
@@ -70,8 +71,7 @@ from agent.account.intake import (
     BadLines,
     Usage,
     brief,
-    content_chars,
-    parse_usage,
+    read_assistant,
     relevant,
     usage_total,
     valid_cost,
@@ -276,35 +276,17 @@ class TranscriptLedger:
         return changed
 
     def _feed_assistant(self, line: Mapping[str, Any]) -> bool:
-        message = line.get("message")
-        if not isinstance(message, Mapping):
+        read = read_assistant(line, self._bad)
+        if read is None:
             return False
-        raw_usage = message.get("usage")
-        if not isinstance(raw_usage, Mapping):
-            return False
-        usage = parse_usage(raw_usage)
-        if usage is None:
-            self._bad.add(
-                "usage", lambda: f"assistant line with malformed usage: {brief(raw_usage)}"
-            )
-            return False
-        model = message.get("model")
-        if not isinstance(model, str):
-            model = ""
-        elif len(model) > MAX_NAME:
-            # Not a model id anyone uses: priced as unknown, and never kept at this length.
-            model = OTHER
-        chars = content_chars(message.get("content"))
+        msg_id, model, usage, chars = read
         cur = self._book.current
         cur.started = True
         if usage_total(usage):
             # Zero-usage lines (model "<synthetic>") are not the attempt's model.
             cur.last_model = model
-
-        msg_id = message.get("id")
-        if not isinstance(msg_id, str) or len(msg_id) > MAX_NAME:
-            # Nothing (sane) to deduplicate on: count the line as its own message. The window
-            # keeps ids, so an unbounded one must never get there.
+        if msg_id is None:
+            # Nothing to deduplicate on: the line is a message of its own.
             return self._apply(None, model, usage, chars)
         known = self._window.find(msg_id)
         if known is None:
