@@ -1,7 +1,13 @@
 """Exact running cost of Claude Code stream-json transcripts.
 
 - :mod:`agent.account.prices`: the price table, model matching and ``[cost]`` overrides;
-- :mod:`agent.account.ledger`: one transcript's ledger: attempts, deduplication, calibration;
+- :mod:`agent.account.ledger`: one transcript's ledger, routing its lines to the parts below;
+- :mod:`agent.account.figures`: the figures a ledger reports (tokens, calibration) and bounds;
+- :mod:`agent.account.intake`: reading hostile lines: usage, costs, versions, bad lines;
+- :mod:`agent.account.window`: the per-message deduplication window and its shared budget;
+- :mod:`agent.account.estimates`: pricing unsettled messages, calibrating a run's figures;
+- :mod:`agent.account.attempts`: attempts, sessions and settlement by result lines;
+- :mod:`agent.account.state`: a ledger's saved state (version 2, and reading version 1);
 - :mod:`agent.account.offline`: ``adw-agent cost``, a path costed in one pass.
 """
 
