@@ -103,3 +103,24 @@ def test_sigterm_during_catch_up_stops_the_agent_and_a_restart_continues(
     backend.wait_for(lambda evs: any(map(is_final(usd), evs)), timeout=120)
     assert saved_offset(tmp_path / "storage") == size
     assert agent.stop() == 0
+
+
+def test_a_sparse_transcript_without_newlines_saves_its_progress(
+    tmp_path: Path, backend: Backend, writer: AdwWriter, start_agent: StartAgent
+) -> None:
+    path = writer.transcript("sdlc_planner")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        # Sparse: gigabytes of NUL bytes cost nothing on disk and hold no newline at all.
+        f.truncate(4 << 30)
+    agent = start_agent().wait_started()
+    agent.wait_log(lambda e: "skipping a line over" in e.get("message", ""), timeout=60)
+    writer.state(STATE)
+    backend.wait_for(lambda evs: any(map(is_state, evs)), timeout=60)
+    assert agent.stop(timeout=60) == 0
+    # Before, the offset stayed at the start of the endless line, so every start read it all.
+    first = saved_offset(tmp_path / "storage")
+    assert first > 0
+    agent = start_agent().wait_started()
+    assert agent.stop(timeout=60) == 0
+    assert saved_offset(tmp_path / "storage") > first
