@@ -207,6 +207,9 @@ class Agent:
             except Exception:
                 log.exception("unexpected error in the main loop; continuing")
                 await asyncio.sleep(0.1)
+            # A backlog keeps the runs' event set, so _wait returns without yielding: let the
+            # signal handlers and the sender run between its bounded steps.
+            await asyncio.sleep(0)
 
     async def shutdown(self) -> None:
         """Stop watching, record what is pending, queue a last status, drain, close.

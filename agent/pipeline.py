@@ -15,9 +15,10 @@ without error. The other files' events still commit. Only a failing store fails 
 Order within a batch: transcripts; then the cost they add, charged to the phase that was current
 *before* this batch; then completed_phases.json, error.log and adw_state.json. Lines written
 just before a phase ends therefore count towards that phase even when the agent sees both at
-once, as on every catch-up after a restart. While a transcript has more to read than one batch
-takes, phase and state changes wait for it, so a backlog is charged to the phase it was written
-in (lines written after a phase change but seen in the same batch go to the earlier phase).
+once, as on every catch-up after a restart. A transcript with more to read than one batch takes
+(a backlog) is read in bounded steps, each committed with its saved offset, and state, phase and
+error.log changes never wait for it: they go out in the first batch that sees them. The rest of
+the backlog is then charged to the phase that is current when its bytes are read.
 
 The steps themselves: agent.pipeline_cost (transcripts and cost) and agent.pipeline_progress
 (state, phases, error.log and how the run ended), over the batch of agent.pipeline_batch.
@@ -133,18 +134,16 @@ class Pipeline:
                 self._isolated(b, key, partial(self.costs.transcript, b, key))
             if b.cost_changed:
                 self._isolated(b, "cost", partial(self.costs.cost, b))
-            # A transcript with a backlog: it was written before the phase or state change seen
-            # now, so that change waits until the backlog is charged to the earlier phase.
-            waiting = keys & {PHASES, STATE} if b.outcome.more else set()
-            b.outcome.more |= waiting
+            # Never behind a transcript's backlog: a state or phase change goes out now, and
+            # the backlog's later steps are charged to the phase current when they are read.
             for key, step in (
                 (PHASES, self.progress.phases),
                 (ERRORLOG, self.progress.errorlog),
                 (STATE, self.progress.state),
             ):
-                if key in keys and key not in waiting:
+                if key in keys:
                     self._isolated(b, key, partial(step, b))
-            if keys & {PHASES, STATE} - waiting:
+            if keys & {PHASES, STATE}:
                 self._isolated(b, "ending", partial(self.progress.ending, b))
         return b.outcome
 

@@ -138,6 +138,7 @@ class Costs:
         if b.budget is not None and b.budget <= 0:
             b.outcome.more.add(key)  # this run's share of the batch is used up: next batch
             return
+        before = entry.reader.position
         try:
             chunk = entry.reader.read(_READ_BUDGET if b.budget is None else b.budget)
         except FileNotFoundError:
@@ -159,7 +160,9 @@ class Costs:
         # A transcript seen for the first time is news even when empty: an agent has started,
         # so the run's cost is no longer final.
         fresh = not entry.saved
-        if fresh or changed or chunk.lines or chunk.skipped:
+        # A moved position is saved even without lines (the middle of an over-long line), so
+        # a restart does not read those bytes again.
+        if fresh or changed or chunk.lines or chunk.skipped or chunk.position != before:
             b.tx.put_json(key, {"position": chunk.position.dump(), "ledger": entry.ledger.dump()})
             entry.saved = True
         if chunk.more_pending:

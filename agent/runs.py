@@ -41,6 +41,9 @@ log = logging.getLogger("adw_agent.runs")
 MISSING_DIR_POLL = 1.0
 #: Transcript bytes one run reads per batch in host mode.
 HOST_READ_BUDGET = 1 << 20
+#: Transcript bytes the one run reads per batch otherwise, over all its transcripts: a run with
+#: many transcripts' backlog still catches up in bounded steps (and READY waits for one only).
+RUN_READ_BUDGET = 8 << 20
 
 
 class Runs:
@@ -134,7 +137,7 @@ class Runs:
             health=self._health,
             events=self._events,
             changed=self.changed,
-            read_budget=HOST_READ_BUDGET if self._dirs is not None else None,
+            read_budget=HOST_READ_BUDGET if self._dirs is not None else RUN_READ_BUDGET,
             window_budget=self.window_budget,
             claim=claim,
         )

@@ -72,12 +72,16 @@ class Position:
     ``offset`` is the end of the last complete line consumed. ``fingerprint`` is the
     blake2b hex digest of the first line's first bytes once that line is complete;
     it tells a file that was truncated and regrew past ``offset`` from the original.
+    ``skipping``: ``offset`` is inside an over-long line whose bytes up to there were thrown
+    away, so that a restart goes on from there instead of reading that line again (a sparse
+    file of gigabytes without a newline would otherwise be scanned from 0 on every start).
     """
 
     dev: int
     ino: int
     offset: int
     fingerprint: str | None
+    skipping: bool = False
 
     def dump(self) -> dict[str, Any]:
         """Return a JSON-able form for the durable store."""
@@ -86,6 +90,8 @@ class Position:
             "ino": self.ino,
             "offset": self.offset,
             "fingerprint": self.fingerprint,
+            # Only when set, so positions saved by earlier versions read back unchanged.
+            **({"skipping": True} if self.skipping else {}),
         }
 
     @classmethod
@@ -105,7 +111,10 @@ class Position:
                 raise ValueError(f"invalid transcript position: {data!r}")
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise ValueError(f"invalid transcript position: {data!r}")
-        return cls(dev, ino, offset, fingerprint)
+        skipping = data.get("skipping", False)
+        if type(skipping) is not bool:
+            raise ValueError(f"invalid transcript position: {data!r}")
+        return cls(dev, ino, offset, fingerprint, skipping)
 
 
 @dataclass(slots=True)
@@ -187,7 +196,7 @@ class TranscriptReader:
         # A bytearray, so a long line arriving in many small appends is not
         # copied again on every read.
         self._partial = bytearray()
-        self._skipping = False
+        self._skipping = pos.skipping
         # The file's first bytes as read by this reader, kept only until the
         # fingerprint is known: they let a rewrite be noticed before that.
         self._head = b""
@@ -200,7 +209,7 @@ class TranscriptReader:
     @property
     def position(self) -> Position:
         """The resumable position: the end of the last complete line handed out."""
-        return Position(self._dev, self._ino, self._offset, self._fingerprint)
+        return Position(self._dev, self._ino, self._offset, self._fingerprint, self._skipping)
 
     def read(self, budget: int = 64 << 20) -> Chunk:
         """Read new complete lines, about ``budget`` bytes at most.
@@ -249,8 +258,11 @@ class TranscriptReader:
                     # Only possible when resuming a position saved without a
                     # fingerprint: this reader never saw the file's first bytes.
                     self._head = os.pread(fd, FINGERPRINT_BYTES, 0)
-                self._fingerprint = _fingerprint(self._head)
-                self._head = b""
+                # Past an over-long first line that is still short of FINGERPRINT_BYTES (a
+                # small max_line_bytes), the first line is not known yet: fingerprint later.
+                if len(self._head) >= FINGERPRINT_BYTES or b"\n" in self._head:
+                    self._fingerprint = _fingerprint(self._head)
+                    self._head = b""
         finally:
             os.close(fd)
         return Chunk(lines, restarted, self.position, skipped, more_pending)
@@ -311,6 +323,8 @@ class TranscriptReader:
         if self._skipping:
             newline = data.find(b"\n")
             if newline < 0:
+                # Thrown away for good: the saved position moves past it.
+                self._offset = start + len(data)
                 return 0
             self._skipping = False
             pos = newline + 1
@@ -322,6 +336,7 @@ class TranscriptReader:
                 skipped += self._skip(self._offset)
                 self._partial.clear()
                 self._skipping = True
+                self._offset = start + len(data)
             else:
                 self._partial += data[pos:]
             return skipped
@@ -349,6 +364,7 @@ class TranscriptReader:
         if len(data) - last - 1 > max_line:
             skipped += self._skip(self._offset)
             self._skipping = True
+            self._offset = start + len(data)
         else:
             self._partial += data[last + 1 :]
         return skipped

@@ -242,13 +242,23 @@ def test_over_cap_line_spanning_reads_is_never_buffered(transcript: Path, read_s
     chunk = reader.read()
     assert chunk.lines == [b"short"]
     assert chunk.skipped == 1
-    # The skipped line's start is the resumable offset; nothing of it is held.
-    assert chunk.position.offset == 6
+    # Nothing of the skipped line is held, and the resumable offset is past what was thrown
+    # away, marked as inside that line.
+    assert chunk.position.offset == 36
+    assert chunk.position.skipping
+    saved = Position.load(chunk.position.dump())
     append(transcript, b"y" * 30 + b"\n0123456789\n")
     chunk = reader.read()
     assert chunk.lines == [b"0123456789"]
     assert chunk.skipped == 0
     assert len(warnings) == 1
+    assert not chunk.position.skipping
+    # A restart goes on from the saved position: the rest of the line is still skipped.
+    resumed = TranscriptReader(transcript, saved, max_line_bytes=10, read_size=read_size)
+    chunk = resumed.read()
+    assert chunk.lines == [b"0123456789"]
+    assert chunk.skipped == 0
+    assert not chunk.restarted
 
 
 def test_empty_file_has_no_lines(transcript: Path) -> None:
