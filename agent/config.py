@@ -180,7 +180,7 @@ class LimitsSection(_Section):
     max_line_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     error_excerpt_bytes: Annotated[int, Field(ge=64, le=1024 * 1024)] = 4096
     # Message ids remembered to deduplicate split assistant lines: per transcript, and in all
-    # beyond 8 per transcript (see agent.account.ledger.WindowBudget).
+    # beyond 8 per transcript (see agent.account.window.WindowBudget).
     dedup_window: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
     dedup_total: Annotated[int, Field(ge=0, le=1 << 24)] = 16384
 

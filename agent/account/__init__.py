@@ -11,26 +11,25 @@
 - :mod:`agent.account.offline`: ``adw-agent cost``, a path costed in one pass.
 """
 
-from agent.account.ledger import (
-    CHARS_PER_TOKEN,
+from agent.account.attempts import RESUME_CARRIES_TOTALS
+from agent.account.estimates import CHARS_PER_TOKEN, run_figures
+from agent.account.figures import (
     MAX_COUNT,
     MAX_NAME,
     MAX_RESULT_USD,
     MAX_TOKEN_TOTAL,
     OTHER,
-    RESUME_CARRIES_TOTALS,
     UNATTRIBUTED,
     Calibration,
     Figure,
     Tokens,
-    TranscriptLedger,
-    WindowBudget,
     fold_key,
-    relevant,
-    run_figures,
 )
+from agent.account.intake import relevant
+from agent.account.ledger import TranscriptLedger
 from agent.account.offline import TranscriptCost, cost_of_path
 from agent.account.prices import WEB_SEARCH_USD, Prices, PriceTable, family_key
+from agent.account.window import WindowBudget
 
 __all__ = [
     "CHARS_PER_TOKEN",

@@ -53,19 +53,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.account import state
-from agent.account.attempts import RESUME_CARRIES_TOTALS, Attempts
-from agent.account.estimates import CHARS_PER_TOKEN, Estimator, run_figures
+from agent.account.attempts import Attempts
+from agent.account.estimates import Estimator
 from agent.account.figures import (
     MAX_COUNT,
     MAX_NAME,
-    MAX_RESULT_USD,
-    MAX_TOKEN_TOTAL,
-    OTHER,
-    UNATTRIBUTED,
     Calibration,
     Figure,
     Tokens,
-    fold_key,
 )
 from agent.account.intake import (
     BadLines,
@@ -81,24 +76,7 @@ from agent.account.prices import PriceTable
 from agent.account.window import DedupWindow, Msg, WindowBudget
 from agent.transcript import Chunk, parse_line
 
-__all__ = [
-    "CHARS_PER_TOKEN",
-    "MAX_COUNT",
-    "MAX_NAME",
-    "MAX_RESULT_USD",
-    "MAX_TOKEN_TOTAL",
-    "OTHER",
-    "RESUME_CARRIES_TOTALS",
-    "UNATTRIBUTED",
-    "Calibration",
-    "Figure",
-    "Tokens",
-    "TranscriptLedger",
-    "WindowBudget",
-    "fold_key",
-    "relevant",
-    "run_figures",
-]
+__all__ = ["TranscriptLedger"]
 
 _log = logging.getLogger("agent.account")
 

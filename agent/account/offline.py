@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.account.ledger import Tokens, TranscriptLedger, run_figures
+from agent.account.estimates import run_figures
+from agent.account.figures import Tokens
+from agent.account.ledger import TranscriptLedger
 from agent.account.prices import PriceTable
 from agent.read import TRANSCRIPT
 from agent.transcript import TranscriptReader
