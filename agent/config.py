@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,7 +62,9 @@ class AdwSection(_Section):
     id: str | None = Field(
         default=None,
         description="ADW id; defaults to the run directory's name. In host mode, the name the "
-        "agent's own status is sent under (default 'host'): each run keeps its directory's name.",
+        "agent's own status is sent under (default 'host-' and the machine's host name, so that "
+        "the agents of several build hosts never share one stream): each run keeps its "
+        "directory's name.",
     )
 
     @model_validator(mode="after")
@@ -240,7 +243,7 @@ class Config(_Section):
         """The ADW this configuration is about; in host mode, the name of the agent's status."""
         if self.adw.id:
             return self.adw.id
-        return self.adw.dir.name if self.adw.dir is not None else "host"
+        return self.adw.dir.name if self.adw.dir is not None else host_status_id()
 
     @property
     def host_mode(self) -> bool:
@@ -316,6 +319,18 @@ def check_url(value: str) -> str:
     except (httpx.InvalidURL, ValueError, TypeError):
         raise ValueError("is not a URL the HTTP client accepts") from None
     return value.rstrip("/")
+
+
+def host_status_id() -> str:
+    """The default name of a host-mode agent's own status: ``host-`` and the host name.
+
+    Every build host's agent sends its status as a stream of its own; one shared name would
+    make the backend order the statuses of different hosts as one stream and drop some.
+    """
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in socket.gethostname()
+    )
+    return f"host-{name}"[:128] if name.strip(".") else "host"
 
 
 def _is_safe_name(name: str) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import Config, check_url, load, preflight
+from agent.config import Config, check_url, host_status_id, load, preflight
 from agent.errors import ConfigError
 
 TOKEN = "s3cret-token-value"
@@ -345,3 +345,17 @@ def test_check_url_refuses_what_the_client_would_and_never_quotes_it(url: str, w
 def test_check_url_keeps_good_urls() -> None:
     assert check_url("https://adw.example.com/") == "https://adw.example.com"
     assert check_url("http://[::1]:8002/base") == "http://[::1]:8002/base"
+
+
+def test_host_mode_status_is_named_after_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "build-07.example")
+    base = {"backend": {"url": "http://127.0.0.1:1"}, "storage": {"dir": tmp_path / "s"}}
+    config = Config.model_validate({"adw": {"root": tmp_path}, **base})
+    assert config.adw_id == "host-build-07.example"
+    # Characters a file name cannot hold are replaced, so the name stays a plain one.
+    monkeypatch.setattr("socket.gethostname", lambda: "bü ild")
+    assert host_status_id() == "host-b--ild"
+    named = Config.model_validate({"adw": {"root": tmp_path, "id": "rack-3"}, **base})
+    assert named.adw_id == "rack-3"

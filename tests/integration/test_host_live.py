@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.config import host_status_id
 from tests.harness import AdwWriter, AgentProcess, Backend, fixture_lines, run_cli
 
 STATE = {"issue_number": "7", "branch_name": None, "issue_class": "/feature"}
@@ -94,7 +95,7 @@ def test_one_process_reports_every_run_under_the_root(
         assert seqs == sorted(set(seqs))
         assert seqs[-1] <= 2 * len(seqs)
         assert len({e["epoch"] for e in events}) == 1
-    assert {e["adw_id"] for e in backend.events("agent_status")} == {"host"}
+    assert {e["adw_id"] for e in backend.events("agent_status")} == {host_status_id()}
 
 
 def test_hidden_folders_of_a_run_are_never_read(
