@@ -1,0 +1,207 @@
+"""What must hold once the faults stop, read from the parts' own records, never from a process's
+word about itself.
+
+- **Exactly once.** Each agent's store keeps, per ADW stream, the last seq it gave and how many
+  of its seqs were superseded before sending (an unsent snapshot replaced by a newer one) or
+  dead-lettered. Every other seq must be in PostgreSQL's event table exactly once, under that
+  stream's epoch: a missing seq is a lost event, a seq held twice (under two ids) is a doubled
+  one.
+- **Truth.** Each run's projection in PostgreSQL equals what the writer wrote
+  (:class:`~tests.system.workload.Truth`): state, phases, status, failed phase, and the cost
+  to 1e-9.
+- **The screen.** The viewer's last picture equals the database's projections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+from tests.system.workload import Truth
+
+DB_NAME = "agent.sqlite3"
+COST_TOLERANCE = 1e-9
+
+
+@contextlib.contextmanager
+def agent_store(storage: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to an agent's store, as an auditor would open it."""
+    db = sqlite3.connect(f"file:{storage / DB_NAME}?mode=ro", uri=True, timeout=10)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def consumed_offset(storage: Path, adw_id: str, agent: str) -> int:
+    """How far the agent has durably read one transcript of a run (-1: not yet)."""
+    if not (storage / DB_NAME).exists():
+        return -1
+    try:
+        with agent_store(storage) as db:
+            row = db.execute(
+                "SELECT value FROM files WHERE adw_id = ? AND key = ?",
+                (adw_id, f"transcript:{agent}"),
+            ).fetchone()
+    except sqlite3.Error:
+        return -1
+    return -1 if row is None else int(orjson.loads(row[0])["position"]["offset"])
+
+
+def queued_since(storage: Path, before: float) -> int:
+    """Events queued at or before ``before`` (wall clock) and not yet acknowledged."""
+    if not (storage / DB_NAME).exists():
+        return 0
+    with agent_store(storage) as db:
+        row = db.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (before,)).fetchone()
+    return int(row[0])
+
+
+def depth(storage: Path) -> tuple[int, int]:
+    """(events queued, dead letters)."""
+    with agent_store(storage) as db:
+        queued = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        dead = int(db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+    return queued, dead
+
+
+@dataclass(frozen=True)
+class Stream:
+    adw_id: str
+    epoch: int
+    last_seq: int
+    superseded: int
+    dead: int
+
+    @property
+    def owed(self) -> int:
+        """Seqs the backend must hold: all given, less the superseded and dead-lettered."""
+        return self.last_seq - self.superseded - self.dead
+
+
+def streams(storage: Path) -> list[Stream]:
+    with agent_store(storage) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(streams)")}
+        extra = ", superseded" if "superseded" in columns else ", 0"
+        extra += ", dead" if "dead" in columns else ", 0"
+        rows = db.execute(f"SELECT adw_id, epoch, seq{extra} FROM streams").fetchall()
+    return [Stream(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+
+def duplicates_answered(storage: Path) -> int:
+    """Re-sent events the backend already had, as the agent counted them."""
+    with agent_store(storage) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'duplicates'").fetchone()
+    return 0 if row is None else int(orjson.loads(row[0]))
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def projections(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    rows = conn.execute("SELECT adw_id, projection FROM adw_workflows").fetchall()
+    out: dict[str, dict[str, Any]] = {}
+    for adw_id, projection in rows:
+        out[str(adw_id)] = projection if isinstance(projection, dict) else orjson.loads(projection)
+    return out
+
+
+def applied_seqs(conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Counter[int]]:
+    """(adw_id, epoch) → how many rows hold each seq (seq 0, out of band, left out)."""
+    out: dict[tuple[str, int], Counter[int]] = {}
+    for adw_id, epoch, seq in conn.execute(
+        "SELECT adw_id, epoch, seq FROM adw_events WHERE seq > 0"
+    ).fetchall():
+        out.setdefault((str(adw_id), int(epoch)), Counter())[int(seq)] += 1
+    return out
+
+
+# -- the checks ---------------------------------------------------------------------------------
+
+
+def truth_mismatches(truth: Truth, shown: dict[str, Any] | None) -> list[str]:
+    """How a projection differs from the run's truth (empty: equal)."""
+    if shown is None:
+        return ["no projection"]
+    wrong = []
+    if shown.get("status") != truth.outcome:
+        wrong.append(f"status {shown.get('status')!r} != {truth.outcome!r}")
+    if shown.get("state") != truth.state:
+        wrong.append(f"state {shown.get('state')!r} != {truth.state!r}")
+    if shown.get("completed_phases") != truth.completed_phases:
+        wrong.append(f"completed {shown.get('completed_phases')} != {truth.completed_phases}")
+    if shown.get("current_phase") != truth.current_phase:
+        wrong.append(f"current {shown.get('current_phase')!r} != {truth.current_phase!r}")
+    if truth.outcome == "failed" and shown.get("failed_phase") != truth.failed_phase:
+        wrong.append(f"failed phase {shown.get('failed_phase')!r} != {truth.failed_phase!r}")
+    cost = (shown.get("cost") or {}).get("current_cost")
+    if not isinstance(cost, int | float) or not math.isclose(
+        cost, truth.cost, rel_tol=0.0, abs_tol=COST_TOLERANCE
+    ):
+        wrong.append(f"cost {cost!r} != {truth.cost!r}")
+    return wrong
+
+
+@dataclass
+class Audit:
+    """The exactly-once audit of every agent's streams against the event table."""
+
+    events_checked: int = 0
+    lost: int = 0
+    doubled: int = 0
+    strays: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def audit(
+    agent_streams: dict[str, list[Stream]], applied: dict[tuple[str, int], Counter[int]]
+) -> Audit:
+    result = Audit()
+    owned: set[tuple[str, int]] = set()
+    for host, found in agent_streams.items():
+        for stream in found:
+            key = (stream.adw_id, stream.epoch)
+            owned.add(key)
+            seqs = applied.get(key, Counter())
+            result.events_checked += sum(seqs.values())
+            doubled = sum(n - 1 for n in seqs.values() if n > 1)
+            beyond = [s for s in seqs if s > stream.last_seq]
+            missing = max(0, stream.owed - len(seqs))
+            result.doubled += doubled
+            result.lost += missing
+            if doubled or missing or beyond or len(seqs) > stream.owed:
+                result.problems.append(
+                    f"{host} {stream.adw_id} epoch {stream.epoch}: owed {stream.owed} "
+                    f"(last {stream.last_seq}, superseded {stream.superseded}, dead "
+                    f"{stream.dead}), applied {len(seqs)} distinct seqs, doubled {doubled}, "
+                    f"beyond the last {beyond[:5]}"
+                )
+    for key, seqs in applied.items():
+        if key not in owned:
+            result.strays += sum(seqs.values())
+            result.problems.append(f"{key}: {sum(seqs.values())} events no agent's stream owns")
+    return result
+
+
+def view_mismatches(
+    view: dict[str, dict[str, Any]], database: dict[str, dict[str, Any]]
+) -> list[str]:
+    wrong = []
+    for adw_id in sorted(set(view) | set(database)):
+        if view.get(adw_id) != database.get(adw_id):
+            mine, theirs = view.get(adw_id), database.get(adw_id)
+            if mine is None or theirs is None:
+                wrong.append(f"{adw_id}: only in {'the database' if mine is None else 'the view'}")
+                continue
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            wrong.append(f"{adw_id}: differs in {keys}")
+    return wrong

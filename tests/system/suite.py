@@ -1,0 +1,541 @@
+"""The whole system under random faults, from a printed seed, then the oracle.
+
+Layout (see :mod:`tests.system.netns`)::
+
+    host 1 ── agent ──────────────► replica A ─┐
+    host 2 ── agent ──────────────► replica B ─┼── PostgreSQL (one throwaway cluster)
+    host 3… ─ agent ──► proxy ──► A or B ──────┘
+    viewer ── WebSocket to A or B, reconnecting
+
+Faults are drawn one after another from the seed: ``kill -9`` of an agent, a replica or the
+proxy; a PostgreSQL restart; a host's link cut; a full disk under an agent's storage; a period
+of 503s from the proxy; the proxy switching replicas. Each is held for a drawn time, healed,
+and the time until everything queued before the heal has reached the backend is measured
+(the convergence time). Then the workload finishes, and :mod:`tests.system.oracle` checks the
+end state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import psycopg
+
+from tests.adw_backend.conftest import PgCluster, throwaway_cluster
+from tests.system import oracle
+from tests.system.cluster import (
+    READ_TOKEN,
+    TOKEN,
+    Host,
+    Part,
+    free_port,
+    proxy,
+    replica,
+    viewer,
+    wait_for,
+)
+from tests.system.netns import Network
+from tests.system.workload import HostWorkload, Truth
+
+FaultKind = Literal[
+    "kill_agent",
+    "kill_replica",
+    "kill_proxy",
+    "pg_restart",
+    "net_cut",
+    "disk_full",
+    "backend_503",
+    "switch_proxy",
+]
+FAULTS: tuple[FaultKind, ...] = (
+    "kill_agent",
+    "kill_replica",
+    "kill_proxy",
+    "pg_restart",
+    "net_cut",
+    "disk_full",
+    "backend_503",
+    "switch_proxy",
+)
+#: How long each fault is held, seconds (drawn uniformly).
+HOLD: dict[FaultKind, tuple[float, float]] = {
+    "kill_agent": (0.2, 3.0),
+    "kill_replica": (0.5, 4.0),
+    "kill_proxy": (0.2, 3.0),
+    "pg_restart": (0.5, 4.0),
+    "net_cut": (1.0, 8.0),
+    "disk_full": (1.0, 8.0),
+    "backend_503": (1.0, 6.0),
+    "switch_proxy": (0.0, 0.0),
+}
+CONVERGE_TIMEOUT = 180.0
+
+
+@dataclass(frozen=True)
+class Options:
+    seed: int
+    minutes: float
+    hosts: int = 3
+    runs_per_host: int = 2
+    disk_mb: int = 64
+
+
+@dataclass
+class Fault:
+    kind: FaultKind
+    target: str
+    held: float
+    converged: float | None
+
+
+@dataclass
+class Report:
+    seed: int
+    minutes: float
+    faults: list[Fault] = field(default_factory=list)
+    kills: Counter[str] = field(default_factory=Counter)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    runs: int = 0
+    failed_runs: int = 0
+    audit: oracle.Audit = field(default_factory=oracle.Audit)
+    duplicates: int = 0
+    last_convergence: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.audit.problems
+
+    def lines(self) -> list[str]:
+        times = sorted(f.converged for f in self.faults if f.converged is not None)
+        kinds = Counter(f.kind for f in self.faults)
+        out = [
+            f"seed {self.seed}, {self.minutes:g} min of faults, {self.runs} runs "
+            f"({self.failed_runs} ending in failure)",
+            "faults: " + ", ".join(f"{k} {kinds[k]}" for k in FAULTS if kinds[k]),
+            "kills: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kills.items())),
+            f"events checked {self.audit.events_checked}, duplicates collapsed "
+            f"{self.duplicates}, lost {self.audit.lost}, doubled {self.audit.doubled}, "
+            f"strays {self.audit.strays}",
+        ]
+        if times:
+            out.append(
+                f"convergence after a fault: median {statistics.median(times):.2f} s, p99 "
+                f"{_p99(times):.2f} s, max {times[-1]:.2f} s over {len(times)} faults"
+            )
+        if self.last_convergence is not None:
+            out.append(f"converged {self.last_convergence:.2f} s after the last fault healed")
+        out.append(
+            "peak RSS MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.peak_mb.items()))
+        )
+        out += [f"PROBLEM: {p}" for p in [*self.problems, *self.audit.problems][:40]]
+        out.append("OK" if self.ok else "FAILED")
+        return out
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+class System:
+    """Every part, started and stopped in order."""
+
+    def __init__(self, options: Options, work: Path, cluster: PgCluster, database: str) -> None:
+        self.options = options
+        self.work = work
+        self.cluster = cluster
+        self.database = database
+        self.rng = random.Random(options.seed)
+        self.network = Network(options.hosts)
+        self.ports = {"a": free_port(), "b": free_port(), "proxy": free_port()}
+        self.control = work / "proxy.sock"
+        self.view = work / "view.json"
+        self.replicas: list[Part] = []
+        self.proxy: Part | None = None
+        self.viewer: Part | None = None
+        self.hosts: list[Host] = []
+        self.workloads: list[HostWorkload] = []
+        self.problems: list[str] = []
+        self._expected_down: set[str] = set()
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_parts, daemon=True)
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        (self.work / "tokens").write_text(TOKEN + "\n")
+        (self.work / "read-tokens").write_text(READ_TOKEN + "\n")
+        self.network.up()
+        url = (
+            f"postgresql://postgres@/{self.database}?host={self.cluster.root}"
+            f"&port={self.cluster.port}"
+        )
+        prefix = self.network.backend_prefix()
+        for name in ("a", "b"):
+            part = replica(f"replica-{name}", prefix, self.ports[name], url, self.work)
+            self.replicas.append(part.start())
+        self.proxy = proxy(
+            prefix, self.ports["proxy"], [self.ports["a"], self.ports["b"]], self.control,
+            self.work,
+        ).start()  # fmt: skip
+        for n, link in enumerate(self.network.hosts, start=1):
+            port = self.ports["a"] if n == 1 else self.ports["b"] if n == 2 else self.ports["proxy"]
+            host = Host(n, link, self.work / f"h{n}" / "agents", self.work / f"h{n}" / "disk",
+                        f"http://{link.backend_address}:{port}")  # fmt: skip
+            host.setup(self.options.disk_mb)
+            self.hosts.append(host)
+        link = self.network.viewer
+        urls = [f"ws://{link.backend_address}:{self.ports[n]}/ws/workflows" for n in ("a", "b")]
+        self.viewer = viewer(link, urls, self.view, self.work).start()
+        for host in self.hosts:
+            self.start_agent(host)
+        for host in self.hosts:
+            workload = HostWorkload(
+                host.root, host.number, random.Random(self.rng.getrandbits(64)),
+                self._before_truncate(host), concurrency=self.options.runs_per_host,
+            )  # fmt: skip
+            workload.start()
+            self.workloads.append(workload)
+        self._monitor.start()
+
+    def start_agent(self, host: Host) -> None:
+        offset = host.agent.log.stat().st_size if host.agent.log.exists() else 0
+        host.agent.start()
+
+        def started() -> bool:
+            if not host.agent.running():
+                raise AssertionError(f"{host.agent.name} exited: {host.agent.tail()}")
+            with host.agent.log.open("rb") as f:
+                f.seek(offset)
+                return b'"message":"agent started"' in f.read()
+
+        wait_for(started, f"{host.agent.name} to start", 120)
+
+    def _before_truncate(self, host: Host) -> Callable[[str, str, Path], None]:
+        def wait(adw_id: str, agent: str, path: Path) -> None:
+            size = path.stat().st_size
+            wait_for(
+                lambda: oracle.consumed_offset(host.storage, adw_id, agent) >= size,
+                f"{host.agent.name} to read {adw_id}/{agent} before its retry",
+                600,
+                tick=0.02,
+            )
+
+        return wait
+
+    def parts(self) -> Iterator[Part]:
+        yield from self.replicas
+        if self.proxy is not None:
+            yield self.proxy
+        if self.viewer is not None:
+            yield self.viewer
+        for host in self.hosts:
+            yield host.agent
+
+    def _watch_parts(self) -> None:
+        """Sample memory, and notice a part that died without being killed (a crash)."""
+        while not self._stop.wait(0.5):
+            for part in self.parts():
+                part.sample()
+                if part.proc is not None and part.proc.poll() is not None:
+                    if part.name not in self._expected_down:
+                        self.problems.append(
+                            f"{part.name} exited by itself with {part.proc.returncode}: "
+                            f"{part.tail(600)}"
+                        )
+                        self._expected_down.add(part.name)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def proxy_control(self, line: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.control))
+            sock.sendall(line.encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer.decode().strip()
+
+    @contextlib.contextmanager
+    def down(self, part: Part) -> Iterator[None]:
+        self._expected_down.add(part.name)
+        try:
+            yield
+        finally:
+            self._expected_down.discard(part.name)
+
+    def inject(self, kind: FaultKind, hold: float) -> str:
+        """Apply one fault, hold it, heal it; returns what it hit."""
+        rng = self.rng
+        if kind == "kill_agent":
+            host = rng.choice(self.hosts)
+            with self.down(host.agent):
+                host.agent.kill9()
+                self._stop.wait(hold)
+                self.start_agent(host)
+            return host.agent.name
+        if kind == "kill_replica":
+            part = rng.choice(self.replicas)
+            with self.down(part):
+                part.kill9()
+                self._stop.wait(hold)
+                part.start()
+            return part.name
+        if kind == "kill_proxy":
+            assert self.proxy is not None
+            with self.down(self.proxy):
+                self.proxy.kill9()
+                self._stop.wait(hold)
+                self.proxy.start()
+            return "proxy"
+        if kind == "pg_restart":
+            self.cluster.stop()
+            self._stop.wait(hold)
+            self.cluster.start_server()
+            return "postgresql"
+        if kind == "net_cut":
+            host = rng.choice(self.hosts)
+            self.network.cut(host.link)
+            self._stop.wait(hold)
+            self.network.restore(host.link)
+            return f"h{host.number}"
+        if kind == "disk_full":
+            host = rng.choice(self.hosts)
+            host.fill_disk()
+            self._stop.wait(hold)
+            host.free_disk()
+            return f"h{host.number}"
+        if kind == "backend_503":
+            self._answer(self.proxy_control("503 on"))
+            self._stop.wait(hold)
+            self._answer(self.proxy_control("503 off"))
+            return "proxy"
+        status = orjson.loads(self.proxy_control("status"))
+        self._answer(self.proxy_control(f"use {1 - int(status['upstream'])}"))
+        return "proxy"
+
+    def _answer(self, answer: str) -> None:
+        if answer != "ok":
+            raise AssertionError(f"the proxy answered {answer!r}")
+
+    def written(self) -> dict[tuple[int, str, str], int]:
+        """(host, adw_id, agent) → the size of every transcript written so far."""
+        sizes = {}
+        for host in self.hosts:
+            for path in host.root.glob("*/*/raw_output.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    sizes[(host.number, path.parent.parent.name, path.parent.name)] = (
+                        path.stat().st_size
+                    )
+        return sizes
+
+    def read_up_to(self, sizes: dict[tuple[int, str, str], int]) -> bool:
+        """Whether every agent has durably read its transcripts up to ``sizes`` (a file
+        truncated since by a retry counts as read: the retry waited for that)."""
+        for (number, adw_id, agent), size in sizes.items():
+            host = self.hosts[number - 1]
+            path = host.root / adw_id / agent / "raw_output.jsonl"
+            if oracle.consumed_offset(host.storage, adw_id, agent) >= size:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size < size:
+                    continue
+            return False
+        return True
+
+    def converge(self) -> float:
+        """Seconds until everything written before now is in the backend: every transcript
+        read that far, then every event queued until then acknowledged."""
+        started = time.monotonic()
+        sizes = self.written()
+        wait_for(lambda: self.read_up_to(sizes), "the agents to read", CONVERGE_TIMEOUT)
+        read = time.time()
+        wait_for(
+            lambda: all(oracle.queued_since(h.storage, read) == 0 for h in self.hosts),
+            "the backend to acknowledge",
+            CONVERGE_TIMEOUT,
+        )
+        return time.monotonic() - started
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def truths(self) -> list[Truth]:
+        return [t for w in self.workloads for t in w.truths]
+
+    def shown(self) -> dict[str, dict[str, Any]]:
+        with self.connect() as conn:
+            return oracle.projections(conn)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            host=str(self.cluster.root),
+            port=self.cluster.port,
+            user="postgres",
+            dbname=self.database,
+            autocommit=True,
+        )
+
+    def matches_truth(self) -> bool:
+        shown = self.shown()
+        return all(not oracle.truth_mismatches(t, shown.get(t.adw_id)) for t in self.truths())
+
+    def drained(self) -> bool:
+        return all(oracle.depth(h.storage)[0] == 0 for h in self.hosts)
+
+    def dump_view(self, previous: int) -> dict[str, Any]:
+        assert self.viewer is not None
+        assert self.viewer.proc is not None
+        self.viewer.proc.send_signal(10)  # SIGUSR1: write the picture now
+
+        def written() -> bool:
+            try:
+                return int(orjson.loads(self.view.read_bytes())["dump"]) > previous
+            except (OSError, orjson.JSONDecodeError, KeyError):
+                return False
+
+        wait_for(written, "the viewer to write its picture", 30)
+        found: dict[str, Any] = orjson.loads(self.view.read_bytes())
+        return found
+
+    def stop(self) -> None:
+        self._stop.set()
+        for host in self.hosts:
+            self._expected_down.add(host.agent.name)
+            host.free_disk()
+            with contextlib.suppress(Exception):
+                self.network.restore(host.link)
+            host.agent.stop()
+        for part in [self.viewer, self.proxy, *self.replicas]:
+            if part is not None:
+                self._expected_down.add(part.name)
+                part.stop()
+        for host in self.hosts:
+            host.teardown()
+        self.network.down()
+
+
+def run(
+    options: Options, *, work: Path | None = None, say: Callable[[str], None] = print
+) -> Report:
+    """Start everything, inject faults for ``options.minutes``, finish, check; a report."""
+    report = Report(options.seed, options.minutes)
+    say(f"system suite: seed {options.seed}, {options.minutes:g} min, {options.hosts} hosts")
+    own = work is None
+    root = Path(tempfile.mkdtemp(prefix="adw-system-")) if work is None else work
+    try:
+        with throwaway_cluster() as cluster:
+            name = cluster.create_database().rsplit("/", 1)[1]
+            system = System(options, root, cluster, name)
+            try:
+                system.start()
+                _play(system, options, report, say)
+                _finish(system, report, say)
+            finally:
+                system.stop()
+                report.problems[:0] = system.problems
+                for part in system.parts():
+                    report.kills[part.kind] += part.kills
+                    report.peak_mb[part.name] = part.peak_mb
+                report.kills["postgresql"] += sum(
+                    1 for f in report.faults if f.kind == "pg_restart"
+                )
+    finally:
+        if own and report.ok:
+            shutil.rmtree(root, ignore_errors=True)
+        elif not report.ok:
+            say(f"logs kept in {root}")
+    for line in report.lines():
+        say(line)
+    return report
+
+
+def _play(system: System, options: Options, report: Report, say: Callable[[str], None]) -> None:
+    rng = system.rng
+    deadline = time.monotonic() + options.minutes * 60
+    while time.monotonic() < deadline and not system.problems:
+        system._stop.wait(rng.uniform(0.5, 3.0))
+        kind = rng.choice(FAULTS)
+        hold = rng.uniform(*HOLD[kind])
+        target = system.inject(kind, hold)
+        try:
+            took: float | None = system.converge()
+        except AssertionError as exc:
+            took = None
+            system.problems.append(f"{kind} on {target}: {exc}")
+        report.faults.append(Fault(kind, target, hold, took))
+        say(f"  {len(report.faults):3d} {kind:<13} {target:<10} held {hold:4.1f} s, "
+            f"converged in {'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
+
+
+def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
+    last_heal = time.monotonic()
+    for workload in system.workloads:
+        workload.no_new.set()
+        workload.hurry.set()
+    for workload in system.workloads:
+        if not workload.join(600):
+            report.problems.append(f"host {workload.host}'s runs never finished")
+    truths = system.truths()
+    report.runs = len(truths)
+    report.failed_runs = sum(1 for t in truths if t.outcome == "failed")
+    report.problems += [f"{t.adw_id}: writer failed: {t.error}" for t in truths if t.error]
+    try:
+        wait_for(lambda: system.drained() and system.matches_truth(), "the truth", 300, tick=0.2)
+        report.last_convergence = time.monotonic() - last_heal
+    except AssertionError:
+        shown = system.shown()
+        for truth in truths:
+            wrong = oracle.truth_mismatches(truth, shown.get(truth.adw_id))
+            if wrong:
+                report.problems.append(f"h{truth.host} {truth.adw_id}: {'; '.join(wrong)}")
+    for host in system.hosts:
+        system._expected_down.add(host.agent.name)
+        code = host.agent.stop()
+        if code != 0:
+            report.problems.append(f"{host.agent.name} stopped with {code}: {host.agent.tail(600)}")
+    with system.connect() as conn:
+        applied = oracle.applied_seqs(conn)
+    report.audit = oracle.audit(
+        {h.agent.name: oracle.streams(h.storage) for h in system.hosts}, applied
+    )
+    for host in system.hosts:
+        report.duplicates += oracle.duplicates_answered(host.storage)
+        _, dead = oracle.depth(host.storage)
+        if dead:
+            report.problems.append(f"{host.agent.name} holds {dead} dead letters")
+    _check_view(system, report)
+    for part in system.parts():
+        if "Traceback" in part.tail(1 << 20):
+            report.problems.append(f"{part.name} printed a traceback: {part.tail(1500)}")
+    say("finished; checking")
+
+
+def _check_view(system: System, report: Report) -> None:
+    dump = 0
+    wrong: list[str] = ["never compared"]
+    deadline = time.monotonic() + 60
+    while wrong and time.monotonic() < deadline:
+        found = system.dump_view(dump)
+        dump = int(found["dump"])
+        wrong = oracle.view_mismatches(found["workflows"], system.shown())
+        if wrong:
+            system._stop.wait(0.5)
+    report.problems += [f"viewer: {w}" for w in wrong[:10]]
