@@ -250,7 +250,8 @@ class Transaction:
         ).fetchone()
         if row is None:
             return data
-        old = orjson.loads(row[1])["data"]
+        replaced = orjson.loads(row[1])
+        old = replaced["data"]
         if event_type == "workflow_update":
             changed = list(old.get("changed", []))
             changed += [k for k in data.get("changed", []) if k not in changed]
@@ -262,7 +263,7 @@ class Transaction:
         # belongs to was replaced since (that stream's counts went with it).
         self._db.execute(
             "UPDATE streams SET superseded = superseded + 1 WHERE adw_id = ? AND epoch = ?",
-            (self.adw_id, orjson.loads(row[1]).get("epoch", 0)),
+            (self.adw_id, replaced.get("epoch", 0)),
         )
         return data
 
