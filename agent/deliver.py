@@ -22,11 +22,12 @@ import sqlite3
 import ssl
 import time
 from datetime import UTC
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -97,6 +98,30 @@ async def read_excerpt(response: httpx.Response, limit: int = _RESPONSE_EXCERPT)
             if len(data) > limit:
                 break
     return data[:limit].decode("utf-8", errors="replace")
+
+
+class _Answer(BaseModel):
+    """A backend's answer to events it accepted: how many were new, how many it had already."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    accepted: Annotated[int, Field(strict=True, ge=0)]
+    duplicates: Annotated[int, Field(strict=True, ge=0)]
+
+
+def reported_duplicates(body: str, sent: int) -> int:
+    """How many of the ``sent`` events a 2xx answer says the backend already had.
+
+    0 when the answer does not say (a backend owes no body: the events were delivered all the
+    same), or says more than was sent.
+    """
+    try:
+        answer = _Answer.model_validate_json(body)
+    except ValidationError:
+        return 0
+    if answer.accepted + answer.duplicates > sent:
+        return 0
+    return answer.duplicates
 
 
 class Redirected(RetryableDelivery):
@@ -364,6 +389,7 @@ class Sender:
             sleep=self._sleep,
             reraise=True,
         )
+        duplicates = 0
         try:
             async for attempt in retrying:
                 with attempt:
@@ -371,9 +397,9 @@ class Sender:
                     self._backend_changed.clear()
                     self._due = time.monotonic() + self._config.backend.timeout + _GRACE
                     if self._batching:
-                        await self._post_batch(batch)
+                        duplicates = await self._post_batch(batch)
                     else:
-                        await self._post(batch[0])
+                        duplicates = await self._post(batch[0])
         except PermanentDelivery as exc:
             if len(batch) > 1:
                 # One transaction on the backend's side: nothing of the batch was kept. Halve
@@ -398,7 +424,7 @@ class Sender:
             self._store.dead_letter(event, exc.status, exc.body)
             self._delivered()
             return
-        self._store.ack_many([event.seq for event in batch])
+        self._store.ack_many([event.seq for event in batch], duplicates)
         self._auth_warned = False
         self.last_error = None
         self._delivered()
@@ -416,7 +442,8 @@ class Sender:
         except StorageError as exc:
             log.error("cannot record the sender's state: %s", exc)
 
-    async def _post_batch(self, batch: list[Queued]) -> None:
+    async def _post_batch(self, batch: list[Queued]) -> int:
+        """POST the batch; returns how many of its events the backend said it already had."""
         body = b"[" + b",".join(event.body for event in batch) + b"]"
         # Each event keeps its event_id for the backend to deduplicate by; the key names
         # this very set of events, so a retried request carries the same one.
@@ -438,17 +465,21 @@ class Sender:
             )
             raise _NoBatchRoute
         classify(response, excerpt)
+        duplicates = reported_duplicates(excerpt, len(batch))
         log.debug(
             "events delivered",
             extra=_fields(
                 batch[0],
                 last_seq=batch[-1].seq,
                 events=len(batch),
+                duplicates=duplicates,
                 latency_ms=round((time.perf_counter() - started) * 1000, 2),
             ),
         )
+        return duplicates
 
-    async def _post(self, event: Queued) -> None:
+    async def _post(self, event: Queued) -> int:
+        """POST one event; returns 1 if the backend said it already had it, else 0."""
         path = self._config.backend.event_path.replace("{type}", event.type)
         started = time.perf_counter()
         request = self._client.build_request(
@@ -456,10 +487,16 @@ class Sender:
         )
         response, excerpt = await self._exchange(request)
         classify(response, excerpt)
+        duplicates = reported_duplicates(excerpt, 1)
         log.debug(
             "event delivered",
-            extra=_fields(event, latency_ms=round((time.perf_counter() - started) * 1000, 2)),
+            extra=_fields(
+                event,
+                duplicates=duplicates,
+                latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            ),
         )
+        return duplicates
 
     async def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, str]:
         """Send ``request``; the answer and an excerpt of its body, with the token redacted.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import orjson
 
@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS streams (
     adw_id TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    superseded INTEGER NOT NULL DEFAULT 0,
+    counted_from INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
@@ -79,6 +81,58 @@ CREATE TABLE IF NOT EXISTS files (
 """
 #: The owner recorded by a store that holds every ADW under a root (host mode).
 HOST_OWNER = "*"
+
+# The delivery totals, kept in meta as bare SQLite integers (which read_meta() reads as they
+# are): one statement adds to each, without reading it first.
+_DELIVERED = "delivered"
+_DUPLICATES = "duplicates"
+#: When a store of an earlier version, which had already queued events, started counting.
+_COUNTED_SINCE = "counted_since"
+
+
+class StreamCounts(TypedDict):
+    """What the store knows of one ADW's stream, for an auditor of exactly-once delivery.
+
+    Once ``queued`` is 0, the backend must hold ``expected`` events of this stream (this
+    ``epoch``, seqs ``counted_from + 1`` to ``seq``), each once: every seq given was either
+    delivered, superseded by coalescing (never to be delivered) or dead-lettered.
+    """
+
+    #: The stream's epoch; None for an ADW with events but no stream (it was replaced).
+    epoch: int | None
+    #: The last seq given in the stream.
+    seq: int
+    #: The seqs up to this one were given before the store counted superseded events (a store
+    #: of an earlier version); 0 when every seq is counted.
+    counted_from: int
+    #: Seqs whose event was coalesced into a later one before it was sent.
+    superseded: int
+    #: Events of this ADW in the dead letters now (rejected by the backend).
+    dead_letters: int
+    #: Events of this ADW still in the outbox.
+    queued: int
+    #: ``seq - counted_from - superseded - dead_letters``.
+    expected: int
+
+
+class DeliveryTotals(TypedDict):
+    """Counted over the whole store, in the same transaction as each acknowledgement."""
+
+    #: Events the backend acknowledged (they left the outbox).
+    delivered: int
+    #: Of those, how many the backend said it already had (a re-sent event), summed from its
+    #: answers; an answer that does not say counts none.
+    duplicates: int
+    #: When counting started, for a store of an earlier version that had already queued
+    #: events; None when the store counted from its creation.
+    since: float | None
+
+
+class DeliveryCounts(TypedDict):
+    """:meth:`StoreView.delivery_counts`: per ADW stream, and in total."""
+
+    streams: dict[str, StreamCounts]
+    totals: DeliveryTotals
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +250,8 @@ class Transaction:
         ).fetchone()
         if row is None:
             return data
-        old = orjson.loads(row[1])["data"]
+        replaced = orjson.loads(row[1])
+        old = replaced["data"]
         if event_type == "workflow_update":
             changed = list(old.get("changed", []))
             changed += [k for k in data.get("changed", []) if k not in changed]
@@ -204,6 +259,12 @@ class Transaction:
         elif event_type == "cost_update":
             data = {**data, "cost_delta": old["cost_delta"] + data["cost_delta"]}
         self._db.execute("DELETE FROM outbox WHERE seq = ?", (row[0],))
+        # Its seq is never to be delivered: counted for an auditor. Not when the stream it
+        # belongs to was replaced since (that stream's counts went with it).
+        self._db.execute(
+            "UPDATE streams SET superseded = superseded + 1 WHERE adw_id = ? AND epoch = ?",
+            (self.adw_id, replaced.get("epoch", 0)),
+        )
         return data
 
 
@@ -454,8 +515,9 @@ class Store:
             self.sent_floor = max(self.sent_floor, out[-1].seq)
         return out
 
-    def ack_many(self, seqs: list[int]) -> None:
-        """The backend accepted these events: they leave the outbox in one transaction.
+    def ack_many(self, seqs: list[int], duplicates: int = 0) -> None:
+        """The backend accepted these events: they leave the outbox in one transaction. It
+        said ``duplicates`` of them it already had; both are added to the delivery totals.
 
         Committed without waiting for the disk, like :meth:`ack` and for the same reasons.
         """
@@ -467,9 +529,10 @@ class Store:
                 self.db.execute("PRAGMA synchronous = NORMAL")
             try:
                 with self.transaction() as tx:
-                    self.db.executemany(
+                    gone = self.db.executemany(
                         "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs]
-                    )
+                    ).rowcount
+                    _count_delivered(self.db, gone, duplicates)
                     tx.set_meta(
                         "last_delivery", {"at": time.time(), "result": "ok", "seq": max(seqs)}
                     )
@@ -503,8 +566,9 @@ class Store:
             raise StorageError(f"cannot read the store at {self.path}: {exc}") from None
         return None if row is None else orjson.loads(row[0])
 
-    def ack(self, seq: int) -> None:
-        """The backend accepted the event: it leaves the outbox.
+    def ack(self, seq: int, duplicates: int = 0) -> None:
+        """The backend accepted the event: it leaves the outbox. ``duplicates`` is 1 when the
+        backend said it already had it.
 
         This transaction alone commits without waiting for the disk (``synchronous = NORMAL``):
         a power cut can only undo it, and then the event is sent again under the same event_id,
@@ -518,7 +582,8 @@ class Store:
                 self.db.execute("PRAGMA synchronous = NORMAL")
             try:
                 with self.transaction() as tx:
-                    self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                    gone = self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                    _count_delivered(self.db, gone, duplicates)
                     tx.set_meta("last_delivery", {"at": time.time(), "result": "ok", "seq": seq})
             finally:
                 if relax:
@@ -685,6 +750,66 @@ class StoreView:
             run(adw_id)["dead_letters"] = int(count)
         return dict(sorted(runs.items()))
 
+    def delivery_counts(self) -> DeliveryCounts:
+        """What an auditor of exactly-once delivery needs, per ADW stream and in total (see
+        :class:`StreamCounts` and :class:`DeliveryTotals`). Every ADW with a stream, queued
+        events or dead letters is listed."""
+        try:
+            # A store that no agent of this version has opened yet counted nothing.
+            counted = "superseded" in _columns(self._db, "streams")
+            columns = "superseded, counted_from" if counted else "0, seq"
+            streams = self._db.execute(
+                f"SELECT adw_id, epoch, seq, {columns} FROM streams"  # noqa: S608
+            ).fetchall()
+            queued = self._db.execute(
+                "SELECT adw_id, COUNT(*) FROM outbox GROUP BY adw_id"
+            ).fetchall()
+            dead = self._db.execute(
+                "SELECT adw_id, COUNT(*) FROM dead_letters GROUP BY adw_id"
+            ).fetchall()
+            delivered = read_meta(self._db, _DELIVERED)
+            duplicates = read_meta(self._db, _DUPLICATES)
+            since = read_meta(self._db, _COUNTED_SINCE)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        out: dict[str, StreamCounts] = {}
+
+        def stream(adw_id: object) -> StreamCounts:
+            empty = StreamCounts(
+                epoch=None,
+                seq=0,
+                counted_from=0,
+                superseded=0,
+                dead_letters=0,
+                queued=0,
+                expected=0,
+            )
+            return out.setdefault(str(adw_id), empty)
+
+        for adw_id, epoch, seq, superseded, counted_from in streams:
+            counts = stream(adw_id)
+            counts["epoch"] = int(epoch)
+            counts["seq"] = int(seq)
+            counts["superseded"] = int(superseded)
+            counts["counted_from"] = int(counted_from)
+        for adw_id, count in queued:
+            stream(adw_id)["queued"] = int(count)
+        for adw_id, count in dead:
+            stream(adw_id)["dead_letters"] = int(count)
+        for counts in out.values():
+            counts["expected"] = (
+                counts["seq"]
+                - counts["counted_from"]
+                - counts["superseded"]
+                - counts["dead_letters"]
+            )
+        totals = DeliveryTotals(
+            delivered=int(delivered or 0),
+            duplicates=int(duplicates or 0),
+            since=float(since) if since is not None else (None if counted else time.time()),
+        )
+        return DeliveryCounts(streams=dict(sorted(out.items())), totals=totals)
+
     def stream(self) -> dict[str, int] | None:
         """The ADW's stream: its epoch and last seq; None before its first event."""
         try:
@@ -782,47 +907,68 @@ def _migrate(db: sqlite3.Connection, owner: str) -> None:
 
     Earlier stores held one ADW: their records move under it, their events are its events,
     and its stream continues their seq (under a new epoch: the stream is new to this store).
+    Stores that did not count superseded events and deliveries count them from now on: their
+    streams say from which seq, and the store since when.
     """
     files = _columns(db, "files")
     outbox = _columns(db, "outbox")
     dead = _columns(db, "dead_letters")
-    if files and "adw_id" in files and "adw_id" in outbox and "adw_id" in dead:
+    grouped = bool(files) and "adw_id" in files and "adw_id" in outbox and "adw_id" in dead
+    counted = "superseded" in _columns(db, "streams")
+    if grouped and counted:
         return
+    # A store of the first version: one ADW, no streams table until this version made one.
+    first = bool(files) and "adw_id" not in files
     db.execute("BEGIN IMMEDIATE")
     try:
-        if files and "adw_id" not in files:
-            db.execute("ALTER TABLE files RENAME TO files_v1")
-            db.execute(_FILES)
-            db.execute("INSERT INTO files SELECT ?, key, value FROM files_v1", (owner,))
-            db.execute("DROP TABLE files_v1")
-            # How the one run ended and when it was first seen were kept as meta: they are
-            # records of that run now.
-            for key in ("ended", "first_seen"):
-                value = read_meta(db, key)
-                if value is not None and owner != HOST_OWNER:
-                    db.execute(
-                        "INSERT OR REPLACE INTO files (adw_id, key, value) VALUES (?, ?, ?)",
-                        (owner, key, orjson.dumps(value)),
-                    )
-                db.execute("DELETE FROM meta WHERE key = ?", (key,))
-        elif not files:
-            db.execute(_FILES)
-        for table, columns in (("outbox", outbox), ("dead_letters", dead)):
-            if "adw_id" not in columns:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN adw_id TEXT")
-                db.execute(f"UPDATE {table} SET adw_id = ?", (owner,))  # noqa: S608
-        seq = read_meta(db, "seq")
-        if seq and owner != HOST_OWNER:
-            epoch = time.time_ns() // 1_000_000
-            db.execute(
-                "INSERT OR IGNORE INTO streams (adw_id, epoch, seq) VALUES (?, ?, ?)",
-                (owner, epoch, int(seq)),
-            )
-            _put_meta(db, "epoch_floor", epoch)
+        if not counted:
+            db.execute("ALTER TABLE streams ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE streams ADD COLUMN counted_from INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE streams SET counted_from = seq")
+        if (first or not counted) and read_meta(db, "seq"):
+            _put_meta(db, _COUNTED_SINCE, time.time())
+        if not grouped:
+            _group_by_adw(db, owner, files, outbox, dead)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _group_by_adw(
+    db: sqlite3.Connection, owner: str, files: set[str], outbox: set[str], dead: set[str]
+) -> None:
+    """Move a one-ADW store's records and events under its ADW (inside :func:`_migrate`)."""
+    if files and "adw_id" not in files:
+        db.execute("ALTER TABLE files RENAME TO files_v1")
+        db.execute(_FILES)
+        db.execute("INSERT INTO files SELECT ?, key, value FROM files_v1", (owner,))
+        db.execute("DROP TABLE files_v1")
+        # How the one run ended and when it was first seen were kept as meta: they are
+        # records of that run now.
+        for key in ("ended", "first_seen"):
+            value = read_meta(db, key)
+            if value is not None and owner != HOST_OWNER:
+                db.execute(
+                    "INSERT OR REPLACE INTO files (adw_id, key, value) VALUES (?, ?, ?)",
+                    (owner, key, orjson.dumps(value)),
+                )
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+    elif not files:
+        db.execute(_FILES)
+    for table, columns in (("outbox", outbox), ("dead_letters", dead)):
+        if "adw_id" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN adw_id TEXT")
+            db.execute(f"UPDATE {table} SET adw_id = ?", (owner,))  # noqa: S608
+    seq = read_meta(db, "seq")
+    if seq and owner != HOST_OWNER:
+        # Its seqs so far were given before superseded events were counted.
+        epoch = time.time_ns() // 1_000_000
+        db.execute(
+            "INSERT OR IGNORE INTO streams (adw_id, epoch, seq, counted_from) VALUES (?, ?, ?, ?)",
+            (owner, epoch, int(seq), int(seq)),
+        )
+        _put_meta(db, "epoch_floor", epoch)
 
 
 def outbox_stats(db: sqlite3.Connection) -> dict[str, Any]:
@@ -846,6 +992,19 @@ def dead_letter_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
     ).fetchall()
     keys = ("seq", "adw_id", "event_id", "type", "failed_at", "status", "response")
     return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _count_delivered(db: sqlite3.Connection, delivered: int, duplicates: int) -> None:
+    """Add to the delivery totals (inside the acknowledging transaction). Duplicates are
+    events that left the outbox too: never more of them than of those."""
+    duplicates = max(0, min(duplicates, delivered))
+    for key, add in ((_DELIVERED, delivered), (_DUPLICATES, duplicates)):
+        if add:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                (key, add),
+            )
 
 
 def _put_meta(db: sqlite3.Connection, key: str, value: Any) -> None:

@@ -3,8 +3,8 @@
 It accepts ``POST .../event/{type}`` with one event and ``POST .../events`` with a JSON array of
 up to 1,000 events (a batch), answers 200, deduplicates by ``event_id`` (a re-sent event is
 acknowledged again but recorded once), prints one readable line per new event and appends each
-new event to a JSON-lines file. A batch is answered ``{"accepted": n, "duplicates": m}``; one
-that is not an array of events is refused whole with 400.
+new event to a JSON-lines file. A batch, like one event, is answered ``{"accepted": n,
+"duplicates": m}``; one that is not an array of events is refused whole with 400.
 """
 
 from __future__ import annotations
@@ -143,11 +143,8 @@ class Receiver:
                     self._answer(400, b'{"error":"not an event"}')
                     return
                 new = receiver.record_many(events)
-                if batch:
-                    answer = {"accepted": new, "duplicates": len(events) - new}
-                    self._answer(200, orjson.dumps(answer))
-                else:
-                    self._answer(200, b'{"ok":true}')
+                answer = {"accepted": new, "duplicates": len(events) - new}
+                self._answer(200, orjson.dumps(answer))
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)

@@ -91,6 +91,14 @@ def status_report(config: Config) -> dict[str, Any]:
                 transcripts[key.agent] = {"error": f"unreadable saved state: {exc}"}
         cost = view.record("cost")
         runs = view.runs()
+        counted = view.delivery_counts()
+        for adw_id, run in runs.items():
+            # What an auditor of exactly-once delivery needs (agent.outbox.StreamCounts). A
+            # running agent may have started a stream between the two reads: it shows next time.
+            counts = counted["streams"].get(adw_id)
+            run["superseded"] = counts["superseded"] if counts else 0
+            run["counted_from"] = counts["counted_from"] if counts else run["seq"]
+            run["expected"] = counts["expected"] if counts else 0
         for adw_id, run in runs.items():
             reported = view.record("cost", adw_id=adw_id)
             run["current_cost"] = round(orjson.loads(reported)["reported"], 10) if reported else 0.0
@@ -109,6 +117,7 @@ def status_report(config: Config) -> dict[str, Any]:
             "runs": runs,
             "seq": view.meta("seq") or 0,
             "last_delivery": view.meta("last_delivery"),
+            "delivery": counted["totals"],
             "heartbeat": view.meta("heartbeat"),
             "sender": view.meta("sender"),
             "ended": ended,
@@ -137,6 +146,12 @@ def print_status(r: dict[str, Any]) -> None:
     problem = (r.get("sender") or {}).get("problem")
     if problem:
         print(f"delivery      {problem} (since {_ago(r['sender'].get('since'))})")
+    totals = r["delivery"]
+    since = f" (counted since {_ago(totals['since'])})" if totals["since"] is not None else ""
+    print(
+        f"delivered     {totals['delivered']} events, {totals['duplicates']} of them already "
+        f"held by the backend{since}"
+    )
     print(f"last seq      {r['seq']}")
     ended = r.get("ended")
     if isinstance(ended, dict):
@@ -155,6 +170,7 @@ def print_status(r: dict[str, Any]) -> None:
             print(
                 f"  {adw_id:<14} seq {run['seq']:>6}  epoch {run['epoch']}  "
                 f"outbox {run['outbox_depth']}{oldest}  dead letters {run['dead_letters']}  "
+                f"superseded {run['superseded']}  expected {run['expected']}  "
                 f"${run['current_cost']:.6f}{ended}{replaced}"
             )
         return
@@ -164,6 +180,8 @@ def print_status(r: dict[str, Any]) -> None:
             f"STORE REPLACED {_ago(run['replaced']['at'])}: events were reported under epoch "
             f"{run['replaced']['reported_epoch']}; a new stream started (epoch {run['epoch']})"
         )
+    if run:
+        print(f"stream        {_stream_line(run)}")
     print(f"current cost  ${r['current_cost']:.6f}")
     for agent, t in sorted(r["transcripts"].items()):
         if "error" in t:
@@ -171,6 +189,17 @@ def print_status(r: dict[str, Any]) -> None:
             continue
         final = "final" if t["final"] else "running"
         print(f"  {agent:<24} offset {t['offset']:>10}  ${t['cost']:.6f}  {final}")
+
+
+def _stream_line(run: dict[str, Any]) -> str:
+    """One stream's counts: how many of its seqs the backend must hold once the outbox drained."""
+    first = run["counted_from"] + 1
+    earlier = " (earlier ones not counted)" if run["counted_from"] else ""
+    return (
+        f"epoch {run['epoch']}, seqs {first}-{run['seq']}{earlier}: {run['superseded']} "
+        f"superseded, {run['dead_letters']} dead-lettered; the backend holds the other "
+        f"{run['expected']} once each ({run['outbox_depth']} still queued)"
+    )
 
 
 def health(config: Config, max_stuck: float, now: float) -> str | None:

@@ -214,7 +214,10 @@ class Backend:
                     refused = [r for r in replies if not 200 <= r.status < 300]
                     reply = refused[0] if refused else max(replies, key=lambda r: r.delay)
                     if batch and not refused:
-                        counts = {"accepted": len(events), "duplicates": 0}
+                        # Like the real backend: the events it already holds are duplicates.
+                        with backend._cond:
+                            held = sum(e["event_id"] in backend.accepted for e in events)
+                        counts = {"accepted": len(events) - held, "duplicates": held}
                         reply = Reply(
                             reply.status,
                             reply.headers,

@@ -32,10 +32,11 @@ from agent.deliver import (
     classify,
     clean_location,
     read_excerpt,
+    reported_duplicates,
     retry_after_seconds,
 )
 from agent.errors import PermanentDelivery, RetryableDelivery
-from agent.outbox import Store, dead_letter_rows
+from agent.outbox import Store, StoreView, dead_letter_rows
 
 TOKEN = "t0ken-for-the-test"
 ADW = "abc123"
@@ -748,3 +749,97 @@ def test_a_reload_to_another_backend_ends_a_retry_after_wait(
     asyncio.run(scenario())
     assert old.seqs() == [[1]]
     assert new.seqs() == [[1]]
+
+
+# -- what the backend said it already had ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "sent", "duplicates"),
+    [
+        ('{"accepted": 3, "duplicates": 2}', 5, 2),
+        ('{"accepted": 0, "duplicates": 1, "note": "seen"}', 1, 1),
+        ('{"accepted": 5, "duplicates": 0}', 5, 0),
+        # Answers that do not say, or say something impossible, count nothing.
+        ("", 5, 0),
+        ('{"ok":true}', 1, 0),
+        ("not json", 5, 0),
+        ('{"accepted": 3, "duplicates": 2', 5, 0),  # cut off
+        ('{"duplicates": 2}', 5, 0),
+        ('{"accepted": 0, "duplicates": 6}', 5, 0),
+        ('{"accepted": 4, "duplicates": 2}', 5, 0),
+        ('{"accepted": 3, "duplicates": -1}', 5, 0),
+        ('{"accepted": 3, "duplicates": 1.0}', 5, 0),
+        ('{"accepted": 3, "duplicates": true}', 5, 0),
+        ('{"accepted": 3, "duplicates": "2"}', 5, 0),
+        ("[1, 2]", 5, 0),
+    ],
+)
+def test_reported_duplicates(body: str, sent: int, duplicates: int) -> None:
+    assert reported_duplicates(body, sent) == duplicates
+
+
+def delivery_totals(config: Config) -> tuple[int, int]:
+    with StoreView(config.storage.dir, ADW) as view:
+        totals = view.delivery_counts()["totals"]
+    return totals["delivered"], totals["duplicates"]
+
+
+def test_the_duplicates_a_batch_answer_reports_are_counted_with_the_ack(
+    batch_config: Config, store: Store
+) -> None:
+    for reason in "abcde":
+        emit(store, reason)
+    held = {1, 3}  # the backend already has these (an earlier answer was lost)
+
+    def answer(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+        dup = sum(e["seq"] in held for e in events)
+        return httpx.Response(200, json={"accepted": len(events) - dup, "duplicates": dup})
+
+    run(batch_config, store, BatchRecorder(answer), empty(store))
+    assert delivery_totals(batch_config) == (5, 2)
+
+
+def test_the_single_event_route_answers_duplicates_the_same_way(
+    config: Config, store: Store
+) -> None:
+    for reason in "abc":
+        emit(store, reason)
+
+    def answer(n: int, event: dict[str, Any]) -> httpx.Response:
+        dup = int(event["seq"] == 2)
+        return httpx.Response(200, json={"accepted": 1 - dup, "duplicates": dup})
+
+    run(config, store, Recorder(answer), empty(store))
+    assert delivery_totals(config) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{}", b"<html>ok</html>", b'{"accepted": 1, "duplicates": 9}', b"\xff\xfe"]
+)
+def test_an_answer_without_counts_still_delivers_and_counts_no_duplicates(
+    batch_config: Config, store: Store, body: bytes
+) -> None:
+    for reason in "abc":
+        emit(store, reason)
+    rec = BatchRecorder(lambda path, events: httpx.Response(200, content=body))
+    run(batch_config, store, rec, empty(store))
+    assert rec.seqs() == [[1, 2, 3]]
+    assert delivery_totals(batch_config) == (3, 0)
+    assert dead_letter_rows(store.db) == []
+
+
+def test_a_split_batch_counts_each_delivered_half_and_no_dead_letter(
+    batch_config: Config, store: Store
+) -> None:
+    for reason in ["ok"] * 3 + ["bad"]:
+        emit(store, reason)
+
+    def strict(path: str, events: list[dict[str, Any]]) -> httpx.Response:
+        if any(e["data"]["reason"] == "bad" for e in events):
+            return httpx.Response(422, text="no")
+        return httpx.Response(200, json={"accepted": 0, "duplicates": len(events)})
+
+    run(batch_config, store, BatchRecorder(strict), empty(store))
+    assert delivery_totals(batch_config) == (3, 3)
+    assert len(dead_letter_rows(store.db)) == 1

@@ -21,8 +21,10 @@ from agent.layout import PHASES, STATE, FileKey
 from agent.outbox import (
     DB_NAME,
     LOCK_NAME,
+    DeliveryCounts,
     Queued,
     Store,
+    StoreView,
     dead_letter_rows,
     lock_storage,
     outbox_stats,
@@ -88,6 +90,12 @@ def emit(store: Store, event_type: str, data: dict[str, Any], source: str = "eve
 def queued(store: Store) -> list[dict[str, Any]]:
     rows = store.db.execute("SELECT body FROM outbox ORDER BY seq").fetchall()
     return [orjson.loads(r[0]) for r in rows]
+
+
+def counts(directory: Path, adw_id: str = ADW) -> DeliveryCounts:
+    """What an auditor reads, through the read-only view."""
+    with StoreView(directory, adw_id) as view:
+        return view.delivery_counts()
 
 
 def drain(store: Store) -> list[Queued]:
@@ -245,7 +253,93 @@ def test_nothing_queued_before_a_reopen_is_coalesced(tmp_path: Path) -> None:
     assert after[3]["data"]["cost_delta"] == 6.0
 
 
+def test_each_coalesced_seq_is_counted_as_superseded(store: Store, tmp_path: Path) -> None:
+    emit(store, "cost_update", cost(0.25))
+    emit(store, "cost_update", cost(0.5))
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "cost_update", cost(1.0))
+    emit(store, "workflow_update", workflow(["a"]))
+    emit(store, "workflow_update", workflow(["b"]))
+    assert [e["seq"] for e in queued(store)] == [3, 4, 6]
+    [stream] = counts(tmp_path)["streams"].values()
+    assert (stream["seq"], stream["superseded"], stream["queued"]) == (6, 3, 3)
+    assert stream["expected"] == 3
+    assert stream["epoch"] == store.epoch()
+
+
+def test_a_coalescing_that_rolls_back_counts_nothing(store: Store, tmp_path: Path) -> None:
+    emit(store, "cost_update", cost(0.25))
+
+    def failing_batch() -> None:
+        with store.transaction() as tx:
+            tx.emit("cost_update", cost(0.5))
+            raise RuntimeError("the batch failed")
+
+    with pytest.raises(RuntimeError):
+        failing_batch()
+    assert len(queued(store)) == 1
+    stream = counts(tmp_path)["streams"][ADW]
+    assert (stream["seq"], stream["superseded"], stream["expected"]) == (1, 0, 1)
+
+
+def test_an_event_of_a_replaced_stream_coalesced_is_not_counted_in_the_new_one(
+    store: Store, tmp_path: Path
+) -> None:
+    emit(store, "cost_update", cost(0.25))
+    old_epoch = store.epoch()
+    assert old_epoch is not None
+    store.stream_replaced(ADW, old_epoch + 10, old_epoch)
+    emit(store, "cost_update", cost(0.5))
+    [event] = queued(store)
+    assert (event["seq"], event["epoch"]) == (1, store.epoch())
+    assert counts(tmp_path)["streams"][ADW]["superseded"] == 0
+
+
+def test_a_host_store_counts_superseded_seqs_per_adw(tmp_path: Path) -> None:
+    store = Store(tmp_path, None, "normal")
+    try:
+        for adw in ("aaaaaaaa", "bbbbbbbb", "aaaaaaaa", "aaaaaaaa"):
+            with store.transaction(adw) as tx:
+                tx.emit("workflow_update", workflow([adw]))
+    finally:
+        store.close()
+    streams = counts(tmp_path, "*")["streams"]
+    assert {a: (s["seq"], s["superseded"], s["queued"]) for a, s in streams.items()} == {
+        "aaaaaaaa": (3, 2, 1),
+        "bbbbbbbb": (1, 0, 1),
+    }
+
+
 # -- delivery bookkeeping ---------------------------------------------------------------------
+
+
+def test_acks_add_up_delivered_and_duplicates(store: Store, tmp_path: Path) -> None:
+    for reason in "abcde":
+        emit(store, "workflow_failed", failed(reason))
+    assert counts(tmp_path)["totals"] == {"delivered": 0, "duplicates": 0, "since": None}
+    store.ack(1)
+    store.ack(2, duplicates=1)
+    store.ack_many([3, 4], duplicates=1)
+    # An ack of events no longer queued (acknowledged already) counts nothing more, and a
+    # backend cannot report more duplicates than events left the outbox.
+    store.ack_many([3, 4, 5], duplicates=7)
+    totals = counts(tmp_path)["totals"]
+    assert (totals["delivered"], totals["duplicates"]) == (5, 3)
+    assert store.meta("delivered") == 5
+
+
+def test_dead_letters_are_counted_per_stream_until_requeued(store: Store, tmp_path: Path) -> None:
+    emit(store, "workflow_failed", failed("a"))
+    emit(store, "workflow_failed", failed("b"))
+    first = store.head()
+    assert first is not None
+    store.dead_letter(first, 400, "{}")
+    store.ack(2)
+    stream = counts(tmp_path)["streams"][ADW]
+    assert (stream["dead_letters"], stream["queued"], stream["expected"]) == (1, 0, 1)
+    store.requeue()
+    stream = counts(tmp_path)["streams"][ADW]
+    assert (stream["dead_letters"], stream["queued"], stream["expected"]) == (0, 1, 2)
 
 
 def test_head_and_ack_go_in_seq_order(store: Store) -> None:
@@ -518,6 +612,16 @@ def test_any_interleaving_delivers_in_order_and_facts_exactly_once(
             assert delivered_last(delivered, kind)["data"]["n"] == i
         elif kind == "cost_update":
             assert delivered_last(delivered, kind)["data"]["current_cost"] == float(i)
+    # The auditor's equation: every seq given was delivered or superseded, and each delivered
+    # event was acknowledged once.
+    audit = counts(directory)
+    assert audit["totals"]["delivered"] == len(delivered)
+    assert audit["totals"]["since"] is None
+    if delivered:
+        stream = audit["streams"][ADW]
+        assert stream["queued"] == stream["dead_letters"] == stream["counted_from"] == 0
+        assert stream["seq"] == max(seqs)
+        assert stream["expected"] == stream["seq"] - stream["superseded"] == len(delivered)
     emitted_cost = sum(1.0 for k, _ in steps if k == "emit" and _ == "cost_update")
     total_delta = sum(e["data"]["cost_delta"] for e in delivered if e["type"] == "cost_update")
     assert total_delta == emitted_cost, "coalesced cost deltas still add up"
@@ -637,3 +741,82 @@ def test_a_store_of_an_earlier_version_keeps_its_records_and_seq(tmp_path: Path)
         assert [q.seq for q in drain(store)] == [7, 8]
     finally:
         store.close()
+    audit = counts(tmp_path)
+    stream = audit["streams"][ADW]
+    # Its seqs so far were given before superseded events were counted.
+    assert (stream["seq"], stream["counted_from"], stream["superseded"]) == (8, 7, 0)
+    assert stream["expected"] == 1
+    assert audit["totals"]["delivered"] == 2
+    assert audit["totals"]["since"] is not None
+
+
+# The previous version's schema: streams and events per ADW, nothing counted.
+_UNCOUNTED_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE streams (adw_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+    created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    body BLOB NOT NULL, adw_id TEXT);
+CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, type TEXT NOT NULL,
+    created REAL NOT NULL, failed_at REAL NOT NULL, status INTEGER, response TEXT NOT NULL,
+    body BLOB NOT NULL, adw_id TEXT);
+CREATE TABLE files (adw_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (adw_id, key)) WITHOUT ROWID;
+"""
+
+
+def uncounted_store(directory: Path) -> int:
+    """A store of the previous version whose stream gave seqs 1-5, the last one still queued;
+    returns the stream's epoch."""
+    epoch = 1_700_000_000_000
+    db = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    try:
+        db.executescript(_UNCOUNTED_SCHEMA)
+        for key, value in (("adw_id", ADW), ("seq", 5), ("epoch_floor", epoch)):
+            db.execute("INSERT INTO meta VALUES (?, ?)", (key, orjson.dumps(value)))
+        db.execute("INSERT INTO streams VALUES (?, ?, 5)", (ADW, epoch))
+        body = {"type": "cost_update", "seq": 5, "epoch": epoch, "data": cost(1.0)}
+        db.execute(
+            "INSERT INTO outbox (seq, event_id, type, created, body, adw_id) "
+            "VALUES (5, 'e5', 'cost_update', 0, ?, ?)",
+            (orjson.dumps(body), ADW),
+        )
+    finally:
+        db.close()
+    return epoch
+
+
+def test_a_store_of_the_previous_version_counts_from_its_next_seq(tmp_path: Path) -> None:
+    epoch = uncounted_store(tmp_path)
+    # Before an agent of this version opened it, status still reads it, and says that
+    # nothing was counted.
+    before = counts(tmp_path)
+    assert before["streams"][ADW] == {
+        "epoch": epoch,
+        "seq": 5,
+        "counted_from": 5,
+        "superseded": 0,
+        "dead_letters": 0,
+        "queued": 1,
+        "expected": 0,
+    }
+    assert before["totals"]["delivered"] == 0
+    assert before["totals"]["since"] is not None
+
+    store = Store(tmp_path, ADW, "normal")
+    try:
+        emit(store, "cost_update", cost(1.0))
+        emit(store, "cost_update", cost(2.0))
+        drain(store)
+    finally:
+        store.close()
+    after = counts(tmp_path)
+    stream = after["streams"][ADW]
+    assert (stream["epoch"], stream["seq"], stream["counted_from"]) == (epoch, 7, 5)
+    # Seq 6 was superseded by 7; seq 5 was queued before the upgrade and is not counted.
+    assert (stream["superseded"], stream["queued"], stream["expected"]) == (1, 0, 1)
+    assert after["totals"]["delivered"] == 2
+    assert after["totals"]["since"] is not None
+    # Opened again, nothing is migrated twice.
+    Store(tmp_path, ADW, "normal").close()
+    assert counts(tmp_path) == after

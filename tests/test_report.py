@@ -270,3 +270,56 @@ def test_host_status_tells_how_each_run_ended(
     assert report["ended"] is None
     print_status(report)
     assert "ended failed at 2026-11-30T12:00:00" in capsys.readouterr().out
+
+
+def test_status_shows_what_an_auditor_needs_per_stream_and_in_total(
+    config: Config, store: Store, writer: AdwWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    writer.state({"adw_id": "55b761f6", "issue_number": "7"})
+    Pipeline(config, store).snapshot()
+    # Two more state changes before anything is sent: each supersedes the unsent one.
+    for issue in ("8", "9"):
+        writer.state({"adw_id": "55b761f6", "issue_number": issue})
+        Pipeline(config, store).process({STATE})
+    dead_letter_head(store)
+    batch = store.head_batch(100)
+    store.ack_many([event.seq for event in batch], duplicates=1)
+
+    report = status_report(config)
+
+    run = report["runs"]["55b761f6"]
+    assert run["superseded"] >= 2
+    assert run["counted_from"] == 0
+    assert run["outbox_depth"] == 0
+    assert run["dead_letters"] == 1
+    assert run["expected"] == run["seq"] - run["superseded"] - 1 == len(batch)
+    assert report["delivery"] == {"delivered": len(batch), "duplicates": 1, "since": None}
+    print_status(report)
+    out = capsys.readouterr().out
+    assert f"delivered     {len(batch)} events, 1 of them already held by the backend\n" in out
+    assert (
+        f"seqs 1-{run['seq']}: {run['superseded']} superseded, 1 dead-lettered; the backend "
+        f"holds the other {len(batch)} once each (0 still queued)\n"
+    ) in out
+
+
+def test_host_status_counts_superseded_seqs_per_run(
+    host_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(host_config.storage.dir, None, "normal")
+    try:
+        for adw_id in ("55b761f6", "adw-0a1b2c3d", "55b761f6"):
+            AdwWriter(host_config.watched / adw_id).state({"adw_id": adw_id, "end_time": None})
+            Pipeline(host_config.for_run(host_config.watched / adw_id), store).snapshot()
+    finally:
+        store.close()
+
+    runs = status_report(host_config)["runs"]
+    first, second = runs["55b761f6"], runs["adw-0a1b2c3d"]
+    # The second snapshot of the first run superseded what its first one queued.
+    assert first["superseded"] > second["superseded"]
+    for run in (first, second):
+        assert run["expected"] == run["seq"] - run["superseded"] == run["outbox_depth"]
+    print_status(status_report(host_config))
+    out = capsys.readouterr().out
+    assert f"superseded {first['superseded']}  expected {first['expected']}" in out
