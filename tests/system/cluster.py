@@ -182,6 +182,10 @@ class Host:
         return self.disk / "store"
 
     @property
+    def status_id(self) -> str:
+        return f"host-h{self.number}"
+
+    @property
     def config(self) -> Path:
         return self.root.parent / "agent.toml"
 
@@ -193,7 +197,7 @@ class Host:
         self.storage.mkdir()
         lines: dict[str, dict[str, object]] = {
             # Namespaces share the machine's host name: each host names its status itself.
-            "adw": {"root": str(self.root), "id": f"host-h{self.number}"},
+            "adw": {"root": str(self.root), "id": self.status_id},
             "backend": {
                 "url": self.backend_url,
                 "token_file": str(self.root.parent / "token"),

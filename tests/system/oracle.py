@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from agent.outbox import DeliveryTotals, StoreView
 from tests.system.workload import Truth
 
 DB_NAME = "agent.sqlite3"
@@ -76,32 +77,28 @@ def depth(storage: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Stream:
+    """One ADW stream as its agent's store accounts for it (``adw-agent status`` shows the
+    same): the backend must hold ``owed`` of its events, seqs ``counted_from + 1`` to
+    ``last_seq`` less the superseded and dead-lettered ones."""
+
     adw_id: str
     epoch: int
     last_seq: int
-    superseded: int
-    dead: int
-
-    @property
-    def owed(self) -> int:
-        """Seqs the backend must hold: all given, less the superseded and dead-lettered."""
-        return self.last_seq - self.superseded - self.dead
+    counted_from: int
+    owed: int
+    queued: int
 
 
-def streams(storage: Path) -> list[Stream]:
-    with agent_store(storage) as db:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(streams)")}
-        extra = ", superseded" if "superseded" in columns else ", 0"
-        extra += ", dead" if "dead" in columns else ", 0"
-        rows = db.execute(f"SELECT adw_id, epoch, seq{extra} FROM streams").fetchall()
-    return [Stream(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
-
-
-def duplicates_answered(storage: Path) -> int:
-    """Re-sent events the backend already had, as the agent counted them."""
-    with agent_store(storage) as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'duplicates'").fetchone()
-    return 0 if row is None else int(orjson.loads(row[0]))
+def delivery(storage: Path, host_status: str) -> tuple[list[Stream], DeliveryTotals]:
+    """The store's own delivery counts, read as ``adw-agent status`` reads them."""
+    with StoreView(storage, host_status) as view:
+        counts = view.delivery_counts()
+    found = [
+        Stream(adw_id, s["epoch"], s["seq"], s["counted_from"], s["expected"], s["queued"])
+        for adw_id, s in counts["streams"].items()
+        if s["epoch"] is not None
+    ]
+    return found, counts["totals"]
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -174,16 +171,16 @@ def audit(
             seqs = applied.get(key, Counter())
             result.events_checked += sum(seqs.values())
             doubled = sum(n - 1 for n in seqs.values() if n > 1)
-            beyond = [s for s in seqs if s > stream.last_seq]
+            outside = [s for s in seqs if not stream.counted_from < s <= stream.last_seq]
             missing = max(0, stream.owed - len(seqs))
             result.doubled += doubled
             result.lost += missing
-            if doubled or missing or beyond or len(seqs) > stream.owed:
+            if stream.queued or doubled or missing or outside or len(seqs) > stream.owed:
                 result.problems.append(
                     f"{host} {stream.adw_id} epoch {stream.epoch}: owed {stream.owed} "
-                    f"(last {stream.last_seq}, superseded {stream.superseded}, dead "
-                    f"{stream.dead}), applied {len(seqs)} distinct seqs, doubled {doubled}, "
-                    f"beyond the last {beyond[:5]}"
+                    f"(seqs {stream.counted_from + 1}-{stream.last_seq}), still queued "
+                    f"{stream.queued}, applied {len(seqs)} distinct seqs, doubled {doubled}, "
+                    f"outside the stream {outside[:5]}"
                 )
     for key, seqs in applied.items():
         if key not in owned:

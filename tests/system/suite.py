@@ -112,6 +112,7 @@ class Report:
     failed_runs: int = 0
     audit: oracle.Audit = field(default_factory=oracle.Audit)
     duplicates: int = 0
+    delivered: int = 0
     last_convergence: float | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -127,7 +128,8 @@ class Report:
             f"({self.failed_runs} ending in failure)",
             "faults: " + ", ".join(f"{k} {kinds[k]}" for k in FAULTS if kinds[k]),
             "kills: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kills.items())),
-            f"events checked {self.audit.events_checked}, duplicates collapsed "
+            f"events checked {self.audit.events_checked} (agents counted {self.delivered} "
+            f"delivered), duplicates collapsed "
             f"{self.duplicates}, lost {self.audit.lost}, doubled {self.audit.doubled}, "
             f"strays {self.audit.strays}",
         ]
@@ -513,11 +515,18 @@ def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
             report.problems.append(f"{host.agent.name} stopped with {code}: {host.agent.tail(600)}")
     with system.connect() as conn:
         applied = oracle.applied_seqs(conn)
-    report.audit = oracle.audit(
-        {h.agent.name: oracle.streams(h.storage) for h in system.hosts}, applied
-    )
+    found = {}
     for host in system.hosts:
-        report.duplicates += oracle.duplicates_answered(host.storage)
+        found[host.agent.name], totals = oracle.delivery(host.storage, host.status_id)
+        report.duplicates += totals["duplicates"]
+        report.delivered += totals["delivered"]
+    report.audit = oracle.audit(found, applied)
+    if report.delivered != report.audit.events_checked:
+        report.problems.append(
+            f"the agents counted {report.delivered} events delivered, the database holds "
+            f"{report.audit.events_checked} of their streams"
+        )
+    for host in system.hosts:
         _, dead = oracle.depth(host.storage)
         if dead:
             report.problems.append(f"{host.agent.name} holds {dead} dead letters")
