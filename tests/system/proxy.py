@@ -107,6 +107,7 @@ class Proxy:
     mode_503: bool = False
     served: int = 0
     connections: set[Connection] = field(default_factory=set)
+    unreachable: set[Address] = field(default_factory=set)
 
     def status(self) -> Status:
         return {
@@ -156,10 +157,16 @@ class Proxy:
                 asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            log(f"upstream {shown(host, port)} unreachable ({reason}): closing the client")
+            # Said once per outage of an upstream, not once per client.
+            if (host, port) not in self.unreachable:
+                self.unreachable.add((host, port))
+                reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+                log(f"upstream {shown(host, port)} unreachable ({reason}): closing its clients")
             conn.client.close()
             return
+        if (host, port) in self.unreachable:
+            self.unreachable.discard((host, port))
+            log(f"upstream {shown(host, port)} answers again")
         conn.upstream = up_writer
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, conn.client))
 

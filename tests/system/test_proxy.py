@@ -284,6 +284,23 @@ def test_a_dead_upstream_closes_the_client(start_proxy: Callable[..., ProxyProce
             assert greeting(sock) == "zero"
 
 
+def test_an_upstream_that_never_answers_times_out_and_closes_the_client(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """A listening socket with a full backlog drops SYNs: the connect hangs, as to a host
+    behind a partition."""
+    with socket.socket() as blackhole, socket.socket() as filler:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        filler.connect(blackhole.getsockname())  # fills the accept queue; never accepted
+        port = blackhole.getsockname()[1]
+        proxy = start_proxy([f"127.0.0.1:{port}"])
+        with proxy.connect() as sock:
+            assert is_closed(sock)
+        assert "unreachable (timed out)" in proxy.stderr()
+        assert proxy.status()["open"] == 0
+
+
 def test_a_client_that_writes_to_a_stalled_upstream_is_held_back(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:

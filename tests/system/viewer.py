@@ -37,8 +37,9 @@ OPEN_TIMEOUT = 2.0
 #: within seconds rather than the library's default of 40.
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 3.0
-#: A snapshot holds up to 1000 projections: room for it, and a bound on one message.
-MAX_MESSAGE = 64 * 1024 * 1024
+#: A snapshot holds up to 1000 projections (a few MiB): room for it, and a bound on one
+#: message.
+MAX_MESSAGE = 16 * 1024 * 1024
 
 Projection = dict[str, Any]
 
