@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ HEAD_LIMIT = 64 * 1024
 HEAD_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 LINGER_LIMIT = 1024 * 1024
+#: TCP keepalive (idle, interval, probes in seconds/count) and the user timeout (ms): a peer
+#: behind a partition never sends FIN or RST, and without them its connection would stay open
+#: here for hours (idle) or minutes (unacknowledged data).
+KEEPALIVE = (5, 1, 3)
+USER_TIMEOUT_MS = 10_000
 #: A control request is a short line; a longer one is refused, not buffered.
 CONTROL_LIMIT = 1024
 
@@ -133,6 +139,7 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         conn = Connection(task, writer)
+        keepalive(writer)
         self.connections.add(conn)
         self.served += 1
         try:
@@ -168,7 +175,20 @@ class Proxy:
             self.unreachable.discard((host, port))
             log(f"upstream {shown(host, port)} answers again")
         conn.upstream = up_writer
+        keepalive(up_writer)
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, conn.client))
+
+
+def keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
