@@ -101,9 +101,16 @@ class Connection:
     upstream: asyncio.StreamWriter | None = None
 
     def abort(self) -> None:
+        """Reset both sides at once, dropping what is not sent yet."""
         self.client.transport.abort()
         if self.upstream is not None:
             self.upstream.transport.abort()
+
+    def close(self) -> None:
+        """Close both sides once what is buffered is sent."""
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
 
 
 @dataclass
@@ -142,11 +149,13 @@ class Proxy:
         keepalive(writer)
         self.connections.add(conn)
         self.served += 1
+        finished = False
         try:
             if self.mode_503:
                 await answer_503(reader, writer)
             else:
                 await self.pipe_to_upstream(conn, reader)
+            finished = True
         except asyncio.CancelledError:
             # Cancelled by ``use``, ``503 on`` or shutdown, which close the connection: the
             # handler is the root of its task, so there is no one to propagate to.
@@ -155,7 +164,10 @@ class Proxy:
             pass
         finally:
             self.connections.discard(conn)
-            conn.abort()
+            if finished:
+                conn.close()
+            else:
+                conn.abort()
 
     async def pipe_to_upstream(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         host, port = self.upstreams[self.current]
@@ -206,9 +218,7 @@ async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None
 
 async def answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read the request head (bounded in bytes and time), then answer 503 and close."""
-    with contextlib.suppress(
-        asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError
-    ):
+    with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
     writer.write(RESPONSE_503)
     await writer.drain()
@@ -221,7 +231,6 @@ async def answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
             left = LINGER_LIMIT
             while left > 0 and (data := await reader.read(CHUNK)):
                 left -= len(data)
-    writer.close()
 
 
 def log(message: str) -> None:

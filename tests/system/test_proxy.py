@@ -123,6 +123,19 @@ class NamedServer(socketserver.ThreadingTCPServer):
         return f"127.0.0.1:{self.server_address[1]}"
 
 
+BLOB = os.urandom(8 * 1024 * 1024)
+
+
+class Blob(socketserver.BaseRequestHandler):
+    """Sends a blob and closes at once, whether the client has read it yet or not."""
+
+    server: NamedServer
+
+    def handle(self) -> None:
+        self.request.sendall(BLOB)
+        self.request.close()
+
+
 class Sink(socketserver.BaseRequestHandler):
     """Accepts and never reads: a client writing to it through the proxy must be held back."""
 
@@ -217,6 +230,21 @@ def test_pipes_bytes_both_ways_and_half_closes(start_proxy: Callable[..., ProxyP
         assert status["upstream"] == 0
         assert status["mode_503"] is False
         assert status["served"] == 1
+
+
+def test_an_upstream_that_closes_right_after_sending_loses_nothing(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """An upstream that sends and closes at once: a slow client (a small receive buffer)
+    still gets every byte, then the end of file."""
+    with running("blob", Blob) as blob:
+        proxy = start_proxy([blob.address])
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(WAIT)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.shutdown(socket.SHUT_WR)
+            assert receive_all(sock) == BLOB
 
 
 def test_use_switches_and_closes_the_open_connections(
