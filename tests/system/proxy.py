@@ -300,11 +300,16 @@ async def serve(listen: Address, upstreams: list[Address], control_path: Path) -
     remove_stale_socket(control_path)
     try:
         server = await asyncio.start_server(proxy.handle, listen[0], listen[1], limit=HEAD_LIMIT)
+    except OSError as exc:
+        # asyncio rewords the error: the plain reason comes from its errno.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        config_error(f"--listen {shown(*listen)}: {reason}")
+    try:
         controller = await asyncio.start_unix_server(
             lambda r, w: control(proxy, r, w), str(control_path), limit=CONTROL_LIMIT
         )
     except OSError as exc:
-        config_error(f"--listen/--control: {exc.strerror or exc}")
+        config_error(f"--control {control_path}: {exc.strerror or exc}")
     sockname = server.sockets[0].getsockname()
     print(f"listening {shown(sockname[0], sockname[1])}", flush=True)
     try:

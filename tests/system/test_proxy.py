@@ -384,3 +384,17 @@ def test_bad_arguments_exit_78_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.decode().strip().splitlines() == [
         "proxy: --listen 'nowhere': expected HOST:PORT"
     ]
+
+
+def test_a_port_in_use_exits_78_naming_the_option(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tests.system.proxy", "--listen", f"127.0.0.1:{port}"]
+        command += ["--upstream", "127.0.0.1:1", "--control", str(tmp_path / "c")]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    assert done.returncode == 78
+    assert done.stderr.decode().strip().splitlines() == [
+        f"proxy: --listen 127.0.0.1:{port}: Address already in use"
+    ]
