@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ HEAD_LIMIT = 64 * 1024
 HEAD_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 LINGER_LIMIT = 1024 * 1024
+#: TCP keepalive (idle, interval, probes in seconds/count) and the user timeout (ms): a peer
+#: behind a partition never sends FIN or RST, and without them its connection would stay open
+#: here for hours (idle) or minutes (unacknowledged data).
+KEEPALIVE = (5, 1, 3)
+USER_TIMEOUT_MS = 10_000
 #: A control request is a short line; a longer one is refused, not buffered.
 CONTROL_LIMIT = 1024
 
@@ -95,9 +101,16 @@ class Connection:
     upstream: asyncio.StreamWriter | None = None
 
     def abort(self) -> None:
+        """Reset both sides at once, dropping what is not sent yet."""
         self.client.transport.abort()
         if self.upstream is not None:
             self.upstream.transport.abort()
+
+    def close(self) -> None:
+        """Close both sides once what is buffered is sent."""
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
 
 
 @dataclass
@@ -107,6 +120,7 @@ class Proxy:
     mode_503: bool = False
     served: int = 0
     connections: set[Connection] = field(default_factory=set)
+    unreachable: set[Address] = field(default_factory=set)
 
     def status(self) -> Status:
         return {
@@ -132,13 +146,16 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         conn = Connection(task, writer)
+        keepalive(writer)
         self.connections.add(conn)
         self.served += 1
+        finished = False
         try:
             if self.mode_503:
                 await answer_503(reader, writer)
             else:
                 await self.pipe_to_upstream(conn, reader)
+            finished = True
         except asyncio.CancelledError:
             # Cancelled by ``use``, ``503 on`` or shutdown, which close the connection: the
             # handler is the root of its task, so there is no one to propagate to.
@@ -147,7 +164,10 @@ class Proxy:
             pass
         finally:
             self.connections.discard(conn)
-            conn.abort()
+            if finished:
+                conn.close()
+            else:
+                conn.abort()
 
     async def pipe_to_upstream(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         host, port = self.upstreams[self.current]
@@ -156,12 +176,31 @@ class Proxy:
                 asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            log(f"upstream {shown(host, port)} unreachable ({reason}): closing the client")
+            # Said once per outage of an upstream, not once per client.
+            if (host, port) not in self.unreachable:
+                self.unreachable.add((host, port))
+                reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+                log(f"upstream {shown(host, port)} unreachable ({reason}): closing its clients")
             conn.client.close()
             return
+        if (host, port) in self.unreachable:
+            self.unreachable.discard((host, port))
+            log(f"upstream {shown(host, port)} answers again")
         conn.upstream = up_writer
+        keepalive(up_writer)
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, conn.client))
+
+
+def keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -179,9 +218,7 @@ async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None
 
 async def answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read the request head (bounded in bytes and time), then answer 503 and close."""
-    with contextlib.suppress(
-        asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError
-    ):
+    with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
     writer.write(RESPONSE_503)
     await writer.drain()
@@ -194,7 +231,6 @@ async def answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
             left = LINGER_LIMIT
             while left > 0 and (data := await reader.read(CHUNK)):
                 left -= len(data)
-    writer.close()
 
 
 def log(message: str) -> None:
@@ -264,11 +300,16 @@ async def serve(listen: Address, upstreams: list[Address], control_path: Path) -
     remove_stale_socket(control_path)
     try:
         server = await asyncio.start_server(proxy.handle, listen[0], listen[1], limit=HEAD_LIMIT)
+    except OSError as exc:
+        # asyncio rewords the error: the plain reason comes from its errno.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        config_error(f"--listen {shown(*listen)}: {reason}")
+    try:
         controller = await asyncio.start_unix_server(
             lambda r, w: control(proxy, r, w), str(control_path), limit=CONTROL_LIMIT
         )
     except OSError as exc:
-        config_error(f"--listen/--control: {exc.strerror or exc}")
+        config_error(f"--control {control_path}: {exc.strerror or exc}")
     sockname = server.sockets[0].getsockname()
     print(f"listening {shown(sockname[0], sockname[1])}", flush=True)
     try:

@@ -123,6 +123,19 @@ class NamedServer(socketserver.ThreadingTCPServer):
         return f"127.0.0.1:{self.server_address[1]}"
 
 
+BLOB = os.urandom(8 * 1024 * 1024)
+
+
+class Blob(socketserver.BaseRequestHandler):
+    """Sends a blob and closes at once, whether the client has read it yet or not."""
+
+    server: NamedServer
+
+    def handle(self) -> None:
+        self.request.sendall(BLOB)
+        self.request.close()
+
+
 class Sink(socketserver.BaseRequestHandler):
     """Accepts and never reads: a client writing to it through the proxy must be held back."""
 
@@ -219,6 +232,21 @@ def test_pipes_bytes_both_ways_and_half_closes(start_proxy: Callable[..., ProxyP
         assert status["served"] == 1
 
 
+def test_an_upstream_that_closes_right_after_sending_loses_nothing(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """An upstream that sends and closes at once: a slow client (a small receive buffer)
+    still gets every byte, then the end of file."""
+    with running("blob", Blob) as blob:
+        proxy = start_proxy([blob.address])
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(WAIT)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.shutdown(socket.SHUT_WR)
+            assert receive_all(sock) == BLOB
+
+
 def test_use_switches_and_closes_the_open_connections(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
@@ -284,6 +312,23 @@ def test_a_dead_upstream_closes_the_client(start_proxy: Callable[..., ProxyProce
             assert greeting(sock) == "zero"
 
 
+def test_an_upstream_that_never_answers_times_out_and_closes_the_client(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """A listening socket with a full backlog drops SYNs: the connect hangs, as to a host
+    behind a partition."""
+    with socket.socket() as blackhole, socket.socket() as filler:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        filler.connect(blackhole.getsockname())  # fills the accept queue; never accepted
+        port = blackhole.getsockname()[1]
+        proxy = start_proxy([f"127.0.0.1:{port}"])
+        with proxy.connect() as sock:
+            assert is_closed(sock)
+        assert "unreachable (timed out)" in proxy.stderr()
+        assert proxy.status()["open"] == 0
+
+
 def test_a_client_that_writes_to_a_stalled_upstream_is_held_back(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
@@ -338,4 +383,18 @@ def test_bad_arguments_exit_78_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert done.stderr.decode().strip().splitlines() == [
         "proxy: --listen 'nowhere': expected HOST:PORT"
+    ]
+
+
+def test_a_port_in_use_exits_78_naming_the_option(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tests.system.proxy", "--listen", f"127.0.0.1:{port}"]
+        command += ["--upstream", "127.0.0.1:1", "--control", str(tmp_path / "c")]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    assert done.returncode == 78
+    assert done.stderr.decode().strip().splitlines() == [
+        f"proxy: --listen 127.0.0.1:{port}: Address already in use"
     ]

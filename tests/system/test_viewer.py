@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from tests.adw_backend.conftest import PgCluster, ServeProcess, pg_cluster, start_serve
 from tests.adw_backend.factory import cost_update, workflow_update
 from tests.harness import ROOT
+from tests.system.test_proxy import ProxyProcess, short_dir, start_proxy
 from tests.system.viewer import apply
 
-__all__ = ["pg_cluster", "start_serve"]  # fixtures, used by name
+__all__ = ["pg_cluster", "short_dir", "start_proxy", "start_serve"]  # fixtures, used by name
 
 WAIT = 30.0
 WRITE_TOKEN = "write-token-for-the-viewer-test"
@@ -79,6 +80,15 @@ class ViewerProcess:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_stderr(self, text: str) -> None:
+        ticker = threading.Event()
+        for _ in range(int(WAIT / 0.05)):
+            if text in self.stderr():
+                return
+            assert self.proc.poll() is None, self.stderr()
+            ticker.wait(0.05)
+        raise AssertionError(f"{text!r} never logged; {self.stderr()}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -188,10 +198,7 @@ def test_wrong_token_is_retried_quietly_and_never_shown(
     server = start_serve(f"sqlite:///{tmp_path / 'backend.db'}", token_args)
     wrong = "not-the-token-but-still-secret"
     viewer = start_viewer([server.ws_url], token=wrong)
-    ticker = threading.Event()
-    while "no URL answers" not in viewer.stderr():
-        assert viewer.proc.poll() is None, viewer.stderr()
-        ticker.wait(0.05)
+    viewer.wait_stderr("no URL answers")
     dumped = viewer.dump()
     assert (dumped["connections"], dumped["connected"], dumped["url"]) == (0, False, None)
     assert "401" in viewer.stderr()
@@ -255,6 +262,41 @@ def test_fails_over_between_replicas_on_postgresql(
     viewer.wait_connected(a.ws_url)
     post(back, cost_update("r2", 2, 0.25))
     dumped = converge(viewer, back, ["r1", "r2"])
+    assert dumped["connections"] == 3
+
+
+def test_through_the_proxy_failover_and_503(
+    start_serve: Start,
+    start_viewer: Callable[..., ViewerProcess],
+    start_proxy: Callable[..., ProxyProcess],
+    pg_cluster: PgCluster,
+    token_args: list[str],
+) -> None:
+    """The two programs together, as the fault suite uses them: one URL, the proxy's."""
+    database = pg_cluster.create_database()
+    a = start_serve(database, token_args)
+    b = start_serve(database, token_args)
+    proxy = start_proxy([a.url.removeprefix("http://"), b.url.removeprefix("http://")])
+    url = f"ws://{proxy.address}/ws/workflows"
+    post(a, workflow_update("p1", 1, branch_name="feat-proxy"))
+    viewer = start_viewer([url])
+    viewer.wait_connected(url)
+    converge(viewer, a, ["p1"])
+
+    assert proxy.control("use 1") == "ok"
+    viewer.wait_connected(url)
+    post(b, cost_update("p1", 2, 3.5))
+    dumped = converge(viewer, b, ["p1"])
+    assert dumped["connections"] == 2
+
+    assert proxy.control("503 on") == "ok"
+    viewer.wait_stderr("no URL answers")
+    assert "503" in viewer.stderr()
+    assert viewer.dump()["connected"] is False
+    post(b, workflow_update("p2", 1, branch_name="feat-after-503"))
+    assert proxy.control("503 off") == "ok"
+    viewer.wait_connected(url)
+    dumped = converge(viewer, b, ["p1", "p2"])
     assert dumped["connections"] == 3
 
 

@@ -37,8 +37,9 @@ OPEN_TIMEOUT = 2.0
 #: within seconds rather than the library's default of 40.
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 3.0
-#: A snapshot holds up to 1000 projections: room for it, and a bound on one message.
-MAX_MESSAGE = 64 * 1024 * 1024
+#: A snapshot holds up to 1000 projections (a few MiB): room for it, and a bound on one
+#: message.
+MAX_MESSAGE = 16 * 1024 * 1024
 
 Projection = dict[str, Any]
 
@@ -134,6 +135,7 @@ class Viewer:
         while True:
             url = self.urls[index % len(self.urls)]
             index += 1
+            before = self.messages
             try:
                 async with websockets.connect(
                     url,
@@ -147,7 +149,6 @@ class Viewer:
                     self.connections += 1
                     self.url = url
                     print(f"connected {url}", flush=True)
-                    before = self.messages
                     await self.follow(ws)
                 log(f"{url} closed the connection")
                 # A server that accepts and closes at once (its database down) counts as not
@@ -156,7 +157,7 @@ class Viewer:
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 if self.url is not None:
                     log(f"lost {url}: {describe(exc)}")
-                    failures = 0
+                    failures = 0 if self.messages > before else failures + 1
                 else:
                     failures += 1
                     # Once per outage, not once per retry: a long outage stays quiet.
