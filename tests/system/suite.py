@@ -88,9 +88,10 @@ CONVERGE_TIMEOUT = 180.0
 class Options:
     seed: int
     minutes: float
-    hosts: int = 3
+    hosts: int = 4
     runs_per_host: int = 2
     disk_mb: int = 64
+    faults: tuple[FaultKind, ...] = FAULTS
 
 
 @dataclass
@@ -474,7 +475,7 @@ def _play(system: System, options: Options, report: Report, say: Callable[[str],
     deadline = time.monotonic() + options.minutes * 60
     while time.monotonic() < deadline and not system.problems:
         system._stop.wait(rng.uniform(0.5, 3.0))
-        kind = rng.choice(FAULTS)
+        kind = rng.choice(options.faults)
         hold = rng.uniform(*HOLD[kind])
         target = system.inject(kind, hold)
         try:
