@@ -40,6 +40,7 @@ from adw_backend.projection import (
     apply,
     new_marks,
     new_projection,
+    upgrade,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,19 @@ log = logging.getLogger(__name__)
 #: their JSON (a workflow whose JSON is over an eighth of it is never kept).
 CACHE_WORKFLOWS = 2000
 CACHE_BYTES = 32 * 1024 * 1024
+
+#: libpq options of every PostgreSQL connection: a database that does not answer is an error
+#: within seconds (never a hang), and a connection whose server vanished without closing it
+#: (a host gone, a network cut) is found dead by TCP keepalives instead of waited on forever.
+CONNECT_ARGS: dict[str, int] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+#: Seconds a request waits for a pooled connection before it is answered 503.
+POOL_TIMEOUT = 5.0
 
 #: Ids looked up per statement: under SQLite's smallest limit on bound parameters (999).
 _SQLITE_CHUNK = 900
@@ -155,7 +169,15 @@ class Store:
         self.is_postgres = url.startswith("postgres")
         options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
         if self.is_postgres:
-            options |= {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+            # Pre-ping: a pooled connection from before a database restart is found dead and
+            # replaced when it is taken, so the process recovers by itself.
+            options |= {
+                "pool_pre_ping": True,
+                "pool_size": 10,
+                "max_overflow": 20,
+                "pool_timeout": POOL_TIMEOUT,
+                "connect_args": dict(CONNECT_ARGS),
+            }
         else:
             options["connect_args"] = {"timeout": 10.0}
         try:
@@ -485,7 +507,7 @@ class Store:
         if status is not None:
             query = query.where(workflows.c.status == status)
         with self._begin(write=False) as conn:
-            return [row.projection for row in conn.execute(query)]
+            return [upgrade(row.projection) for row in conn.execute(query)]
 
     def workflow(self, adw_id: str) -> Projection:
         with self._begin(write=False) as conn:
@@ -494,8 +516,7 @@ class Store:
             ).first()
         if row is None:
             raise NotFound(f"no workflow {adw_id!r}")
-        projection: Projection = row.projection
-        return projection
+        return upgrade(row.projection)
 
     def events(
         self, adw_id: str, *, after_seq: int = -1, after_epoch: int | None = None, limit: int = 100
@@ -543,7 +564,7 @@ class Store:
             )
             ids = sorted({row.adw_id for row in rows})
             current = {
-                wf.adw_id: wf.projection
+                wf.adw_id: upgrade(wf.projection)
                 for wf in conn.execute(
                     sa.select(workflows.c.adw_id, workflows.c.projection).where(
                         workflows.c.adw_id.in_(ids)

@@ -12,7 +12,7 @@ def test_a_full_client_is_dropped_and_the_others_get_every_message() -> None:
         hub = Hub(bound=3)
         hub.loop = asyncio.get_running_loop()
         stalled, reading = hub.add(), hub.add()
-        got: list[str | None] = []
+        got: list[object] = []
         for n in range(10):
             hub.publish({"n": n})
             got.append(await reading.next())
