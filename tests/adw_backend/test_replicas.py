@@ -4,15 +4,17 @@ re-sent event is a duplicate whichever replica it reaches."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import websockets
 
 from tests.adw_backend.conftest import PgCluster, ServeProcess, throwaway_cluster
 from tests.adw_backend.factory import cost_update, workflow_update
+from tests.adw_backend.picture import Picture
 
 WAIT = 30.0
 
@@ -105,3 +107,78 @@ def test_database_outage_is_503_then_recovers(
             assert client.get("/api/v1/workflows/o1").json()["state"]["branch_name"] == "during"
             server.wait_listening()
     assert "Traceback" not in server.stderr()
+
+
+async def _listening(client: httpx.AsyncClient) -> bool | None:
+    found: bool | None = (await client.get("/healthz")).json()["listening"]
+    return found
+
+
+async def _until(what: str, condition: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``condition`` (a state of the system, not a time) until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not await condition():
+        assert loop.time() < deadline, f"never: {what}"
+        await asyncio.sleep(0.05)
+
+
+def test_a_client_catches_up_on_what_its_replica_missed_while_not_listening(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    database = pg_cluster.create_database()
+    name = database.rsplit("/", 1)[1]
+    a = start_serve(database)
+    b = start_serve(database)
+    a.wait_listening()
+    b.wait_listening()
+
+    async def scenario() -> None:
+        async with (
+            websockets.connect(a.ws_url) as on_a,
+            httpx.AsyncClient(base_url=a.url) as to_a,
+            httpx.AsyncClient(base_url=b.url) as to_b,
+        ):
+            picture = Picture()
+            picture.apply(orjson.loads(await asyncio.wait_for(on_a.recv(), WAIT)))
+            ev = workflow_update("m1", 1, branch_name="heard")
+            assert (await to_b.post("/api/v1/events", content=orjson.dumps([ev]))).is_success
+            picture.apply(orjson.loads(await asyncio.wait_for(on_a.recv(), WAIT)))
+            assert picture.workflows["m1"]["state"]["branch_name"] == "heard"
+
+            with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
+                # No new connection to the database until the event is in: A cannot listen
+                # again before B has committed it (B posts on a connection it already holds).
+                admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+                try:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE query ILIKE 'LISTEN%%' AND datname = %s",
+                        (name,),
+                    )
+
+                    async def deaf() -> bool:
+                        return await _listening(to_a) is False
+
+                    await _until("A stops listening", deaf)
+                    missed = [
+                        workflow_update("m1", 2, branch_name="missed"),
+                        cost_update("m2", 1, 1.5),
+                    ]
+                    answer = await to_b.post("/api/v1/events", content=orjson.dumps(missed))
+                    assert answer.json() == {"accepted": 2, "duplicates": 0}
+                    assert await _listening(to_a) is False
+                finally:
+                    admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+            # A listens again and brings its client back to the database's truth.
+            while (
+                picture.workflows.get("m1", {}).get("state", {}).get("branch_name") != ("missed")
+                or "m2" not in picture.workflows
+            ):
+                picture.apply(orjson.loads(await asyncio.wait_for(on_a.recv(), WAIT)))
+            truth = (await to_a.get("/api/v1/workflows")).json()["workflows"]
+            assert picture.workflows == {w["adw_id"]: w for w in truth}
+            assert picture.snapshots == 2
+
+    asyncio.run(scenario())
