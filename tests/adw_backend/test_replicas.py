@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import psycopg
+import pytest
 import websockets
 
 from tests.adw_backend.conftest import PgCluster, ServeProcess, throwaway_cluster
@@ -82,31 +83,82 @@ def test_event_posted_to_a_reaches_a_client_of_b(
 def test_database_outage_is_503_then_recovers(
     start_serve: Callable[..., ServeProcess],
 ) -> None:
+    """PostgreSQL stopped hard under a running replica: every route answers 503 with a reason
+    (the client's timeout bounds a hang), WebSocket connects are closed with 1011, and once
+    the database is back the same process serves again and its old client is up to date."""
     with throwaway_cluster() as cluster:
         server = start_serve(cluster.url())
         server.wait_listening()
-        with server.client() as client:
-            ev = workflow_update("o1", 1, branch_name="before")
-            assert (
-                client.post("/api/v1/event/workflow_update", content=orjson.dumps(ev)).json()[
-                    "accepted"
+
+        async def scenario() -> None:
+            async with (
+                websockets.connect(server.ws_url) as before,
+                httpx.AsyncClient(base_url=server.url, timeout=10.0) as client,
+            ):
+                picture = Picture()
+                picture.apply(orjson.loads(await asyncio.wait_for(before.recv(), WAIT)))
+                ev = workflow_update("o1", 1, branch_name="before")
+                answer = await client.post("/api/v1/event/workflow_update", content=_body(ev))
+                assert answer.json()["accepted"] == 1
+                picture.apply(orjson.loads(await asyncio.wait_for(before.recv(), WAIT)))
+
+                cluster.stop()
+                late = workflow_update("o1", 2, branch_name="during")
+                calls = [
+                    ("POST", "/api/v1/event/workflow_update", _body(late)),
+                    ("POST", "/api/v1/events", _body([late])),
+                    ("GET", "/api/v1/workflows", None),
+                    ("GET", "/api/v1/workflows/o1", None),
+                    ("GET", "/api/v1/workflows/o1/events", None),
+                    ("DELETE", "/api/v1/workflows/o1", None),
                 ]
-                == 1
-            )
-            cluster.stop()
-            late = workflow_update("o1", 2, branch_name="during")
-            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == "1"
-            assert client.get("/healthz").status_code == 503
-            cluster.start_server()
-            # What the agent does: send the same event again until it is accepted.
-            server.wait_healthy()
-            response = client.post("/api/v1/event/workflow_update", content=orjson.dumps(late))
-            assert response.json() == {"accepted": 1, "duplicates": 0}
-            assert client.get("/api/v1/workflows/o1").json()["state"]["branch_name"] == "during"
-            server.wait_listening()
+                for method, path, body in calls:
+                    answer = await client.request(method, path, content=body)
+                    assert answer.status_code == 503, (method, path, answer.text)
+                    assert answer.json() == {"detail": "database unavailable"}
+                    assert answer.headers["retry-after"] == "1"
+                health = await client.get("/healthz")
+                assert health.status_code == 503
+                assert health.json() == {
+                    "detail": "database unavailable",
+                    "database": "down",
+                    "listening": False,
+                }
+                assert (await client.get("/")).status_code == 200
+                async with websockets.connect(server.ws_url) as during:
+                    with pytest.raises(websockets.ConnectionClosed) as closed:
+                        await asyncio.wait_for(during.recv(), WAIT)
+                    assert closed.value.rcvd is not None
+                    assert closed.value.rcvd.code == 1011
+
+                cluster.start_server()
+
+                async def healthy() -> bool:
+                    return (await client.get("/healthz")).status_code == 200
+
+                # What the agent does: send the same event again until it is accepted.
+                await _until("the database answers again", healthy)
+                answer = await client.post("/api/v1/event/workflow_update", content=_body(late))
+                assert answer.json() == {"accepted": 1, "duplicates": 0}
+                found = (await client.get("/api/v1/workflows/o1")).json()
+                assert found["state"]["branch_name"] == "during"
+                assert found["revision"] == 2
+
+                async def listening() -> bool:
+                    return await _listening(client) is True
+
+                await _until("the replica listens again", listening)
+                # The client connected through the outage ends with the database's picture.
+                while picture.workflows["o1"]["revision"] < 2:
+                    picture.apply(orjson.loads(await asyncio.wait_for(before.recv(), WAIT)))
+                assert picture.workflows == {"o1": found}
+
+        asyncio.run(scenario())
     assert "Traceback" not in server.stderr()
+
+
+def _body(value: object) -> bytes:
+    return orjson.dumps(value)
 
 
 async def _listening(client: httpx.AsyncClient) -> bool | None:
