@@ -234,3 +234,43 @@ def test_a_client_catches_up_on_what_its_replica_missed_while_not_listening(
             assert picture.snapshots == 2
 
     asyncio.run(scenario())
+
+
+def test_concurrent_writes_to_one_adw_through_two_replicas_leave_every_client_current(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    """Both replicas fold events of one ADW at once: the revision counts every event exactly
+    once, and a client of each replica, dropping what is older than it holds, ends with the
+    database's projection whatever order its messages came in."""
+    database = pg_cluster.create_database()
+    replicas = [start_serve(database), start_serve(database)]
+    for replica in replicas:
+        replica.wait_listening()
+    total = 60
+
+    async def scenario() -> None:
+        async with (
+            websockets.connect(replicas[0].ws_url) as on_a,
+            websockets.connect(replicas[1].ws_url) as on_b,
+            httpx.AsyncClient(base_url=replicas[0].url) as to_a,
+            httpx.AsyncClient(base_url=replicas[1].url) as to_b,
+        ):
+            pictures = [Picture(), Picture()]
+            for picture, socket in zip(pictures, (on_a, on_b), strict=True):
+                picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
+            posts = [
+                (to_a if seq % 2 else to_b).post(
+                    "/api/v1/event/cost_update", content=_body(cost_update("c1", seq, seq))
+                )
+                for seq in range(1, total + 1)
+            ]
+            assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+            truth = (await to_a.get("/api/v1/workflows/c1")).json()
+            assert truth["revision"] == total
+            assert truth["cost"]["current_cost"] == total
+            for picture, socket in zip(pictures, (on_a, on_b), strict=True):
+                while picture.workflows.get("c1", {}).get("revision", 0) < total:
+                    picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
+                assert picture.workflows == {"c1": truth}
+
+    asyncio.run(scenario())
