@@ -4,6 +4,7 @@ re-sent event is a duplicate whichever replica it reaches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -272,5 +273,61 @@ def test_concurrent_writes_to_one_adw_through_two_replicas_leave_every_client_cu
                 while picture.workflows.get("c1", {}).get("revision", 0) < total:
                     picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
                 assert picture.workflows == {"c1": truth}
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    """kill -9 of the replica a batch is being written through; the agent, answered by no one,
+    sends the same batch to the other replica: every event is applied exactly once (the
+    revision counts them), and the surviving replica's client ends with the database."""
+    database = pg_cluster.create_database()
+    name = database.rsplit("/", 1)[1]
+    a = start_serve(database)
+    b = start_serve(database)
+    a.wait_listening()
+    b.wait_listening()
+    adws = [f"k{n}" for n in range(10)]
+    batch = [cost_update(adw, seq, seq) for seq in range(1, 101) for adw in adws]
+
+    async def scenario() -> None:
+        async with (
+            websockets.connect(b.ws_url) as on_b,
+            httpx.AsyncClient(base_url=a.url, timeout=WAIT) as to_a,
+            httpx.AsyncClient(base_url=b.url, timeout=WAIT) as to_b,
+        ):
+            picture = Picture()
+            picture.apply(orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)))
+            sending = asyncio.create_task(to_a.post("/api/v1/events", content=_body(batch)))
+
+            def writing() -> bool:
+                with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
+                    row = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                        " AND (state LIKE 'idle in transaction%%' OR query ILIKE 'INSERT%%')",
+                        (name,),
+                    ).fetchone()
+                    return row is not None and row[0] > 0
+
+            async def in_flight() -> bool:
+                return sending.done() or await asyncio.to_thread(writing)
+
+            await _until("the batch reaches the database or is answered", in_flight)
+            a.kill()
+            with contextlib.suppress(httpx.HTTPError):
+                await sending
+            answer = (await to_b.post("/api/v1/events", content=_body(batch))).json()
+            assert answer["accepted"] + answer["duplicates"] == len(batch)
+            assert answer["accepted"] in (0, len(batch))  # one transaction: all or nothing
+            truth = (await to_b.get("/api/v1/workflows")).json()["workflows"]
+            assert sorted(w["adw_id"] for w in truth) == adws
+            for workflow in truth:
+                assert workflow["revision"] == 100
+                assert len(workflow["cost_points"]) == 100
+            while any(picture.workflows.get(adw, {}).get("revision", 0) < 100 for adw in adws):
+                picture.apply(orjson.loads(await asyncio.wait_for(on_b.recv(), WAIT)))
+            assert picture.workflows == {w["adw_id"]: w for w in truth}
 
     asyncio.run(scenario())
