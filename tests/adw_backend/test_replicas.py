@@ -331,3 +331,96 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
             assert picture.workflows == {w["adw_id"]: w for w in truth}
 
     asyncio.run(scenario())
+
+
+async def _send_until_stored(client: httpx.AsyncClient, batch: list[dict[str, Any]]) -> None:
+    """What the agent does: send the same batch again until it is answered 200."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * WAIT
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            answer = await client.post("/api/v1/events", content=_body(batch))
+            if answer.status_code == 200:
+                return
+            assert answer.status_code == 503, answer.text
+        assert loop.time() < deadline, "never stored"
+        await asyncio.sleep(0.05)
+
+
+class _Follower:
+    """A WebSocket client that reconnects whenever it is closed, holding a :class:`Picture`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.picture = Picture()
+        self.changed = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError, websockets.WebSocketException):
+                async with websockets.connect(self.url) as socket:
+                    async for text in socket:
+                        self.picture.apply(orjson.loads(text))
+                        self.changed.set()
+            await asyncio.sleep(0.05)
+
+    async def until_equal(self, truth: dict[str, dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while self.picture.workflows != truth:
+            self.changed.clear()
+            remaining = deadline - loop.time()
+            held = {k: w["revision"] for k, w in self.picture.workflows.items()}
+            assert remaining > 0, f"the client's picture never matched; revisions held: {held}"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+
+def test_postgresql_restarted_under_writes_through_two_replicas(
+    start_serve: Callable[..., ServeProcess],
+) -> None:
+    """Writes keep coming through both replicas while PostgreSQL restarts; the senders retry
+    a 503 as the agent does. Afterwards every event is applied once and a client of each
+    replica, reconnecting when closed, holds exactly the database's picture."""
+    with throwaway_cluster() as cluster:
+        replicas = [start_serve(cluster.url()), start_serve(cluster.url())]
+        for replica in replicas:
+            replica.wait_listening()
+        adws = ["p1", "p2", "p3"]
+
+        async def scenario() -> None:
+            followers = [_Follower(r.ws_url) for r in replicas]
+            following = [asyncio.create_task(f.run()) for f in followers]
+            async with (
+                httpx.AsyncClient(base_url=replicas[0].url, timeout=WAIT) as to_a,
+                httpx.AsyncClient(base_url=replicas[1].url, timeout=WAIT) as to_b,
+            ):
+
+                async def writer(adw: str) -> None:
+                    for seq in range(1, 41):
+                        target = to_a if seq % 2 else to_b
+                        await _send_until_stored(target, [cost_update(adw, seq, seq)])
+
+                writing = asyncio.gather(*(writer(adw) for adw in adws))
+
+                async def some_written() -> bool:
+                    found = (await to_a.get("/api/v1/workflows")).json()["workflows"]
+                    revisions: list[int] = [w["revision"] for w in found]
+                    return sum(revisions) >= 10
+
+                await _until("the first writes", some_written)
+                await asyncio.to_thread(cluster.stop)
+                await asyncio.to_thread(cluster.start_server)
+                await writing
+                truth = (await to_a.get("/api/v1/workflows")).json()["workflows"]
+                assert sorted(w["adw_id"] for w in truth) == adws
+                assert all(w["revision"] == 40 for w in truth)
+                for follower in followers:
+                    await follower.until_equal({w["adw_id"]: w for w in truth})
+            for task in following:
+                task.cancel()
+            await asyncio.gather(*following, return_exceptions=True)
+
+        asyncio.run(scenario())
+    for replica in replicas:
+        assert "Traceback" not in replica.stderr()
