@@ -35,7 +35,7 @@ import orjson
 
 from adw_backend.errors import DatabaseUnavailable
 from adw_backend.projection import Projection
-from adw_backend.store import CONNECT_ARGS, Applied, Store
+from adw_backend.store import Applied, Store, pg_connect_args
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,10 @@ class PgListener:
         failing = False
         while not self._stop.is_set():
             try:
-                conninfo = psycopg.conninfo.make_conninfo(self._conninfo, **CONNECT_ARGS)
+                given = psycopg.conninfo.conninfo_to_dict(self._conninfo).get("options")
+                conninfo = psycopg.conninfo.make_conninfo(
+                    self._conninfo, **pg_connect_args(given if isinstance(given, str) else None)
+                )
                 with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {self._channel}")  # the name is validated in Settings
                     self.ready.set()

@@ -53,13 +53,30 @@ CACHE_BYTES = 32 * 1024 * 1024
 #: libpq options of every PostgreSQL connection: a database that does not answer is an error
 #: within seconds (never a hang), and a connection whose server vanished without closing it
 #: (a host gone, a network cut) is found dead by TCP keepalives instead of waited on forever.
-CONNECT_ARGS: dict[str, int] = {
+#: The server settings are enforced by PostgreSQL itself, whatever state a replica is in: a
+#: request waits at most ``lock_timeout`` for a workflow another transaction holds (then 503,
+#: and the agent sends again), and the transaction of a replica that stopped answering in the
+#: middle of it (frozen, or its host cut off, so that its connection never closes) is rolled
+#: back after ``idle_in_transaction_session_timeout``, releasing its workflows.
+CONNECT_ARGS: dict[str, str | int] = {
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "options": "-c lock_timeout=10s -c idle_in_transaction_session_timeout=30s",
 }
+
+
+def pg_connect_args(given_options: str | None) -> dict[str, str | int]:
+    """:data:`CONNECT_ARGS`, keeping the ``options`` the database URL gives (after ours, so
+    that a setting it spells out wins)."""
+    args = dict(CONNECT_ARGS)
+    if given_options:
+        args["options"] = f"{args['options']} {given_options}"
+    return args
+
+
 #: Seconds a request waits for a pooled connection before it is answered 503.
 POOL_TIMEOUT = 5.0
 
@@ -150,6 +167,14 @@ class _Projections:
             self._bytes -= found[2]
 
 
+def _url_option(url: str, name: str) -> str | None:
+    try:
+        found = sa.engine.make_url(url).query.get(name)
+    except sa.exc.ArgumentError:
+        return None  # reported where the engine is created
+    return found if isinstance(found, str) else None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -176,7 +201,7 @@ class Store:
                 "pool_size": 10,
                 "max_overflow": 20,
                 "pool_timeout": POOL_TIMEOUT,
-                "connect_args": dict(CONNECT_ARGS),
+                "connect_args": pg_connect_args(_url_option(url, "options")),
             }
         else:
             options["connect_args"] = {"timeout": 10.0}

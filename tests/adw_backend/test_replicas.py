@@ -424,3 +424,29 @@ def test_postgresql_restarted_under_writes_through_two_replicas(
         asyncio.run(scenario())
     for replica in replicas:
         assert "Traceback" not in replica.stderr()
+
+
+def test_a_workflow_held_by_a_stuck_transaction_is_503_not_a_hang(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    """A transaction that holds a workflow and does not end (a replica frozen mid-request):
+    a write to that workflow waits at most the lock timeout, answers 503, and is accepted
+    when sent again after the holder is gone; other workflows are not held up."""
+    database = pg_cluster.create_database()
+    server = start_serve(database)
+    with server.client() as client:
+        first = workflow_update("l1", 1, branch_name="first")
+        assert client.post("/api/v1/events", content=_body([first])).json()["accepted"] == 1
+        with psycopg.connect(database) as holder:
+            holder.execute("SELECT 1 FROM adw_workflows WHERE adw_id = 'l1' FOR UPDATE")
+            other = workflow_update("l2", 1, branch_name="free")
+            assert client.post("/api/v1/events", content=_body([other])).json()["accepted"] == 1
+            held = workflow_update("l1", 2, branch_name="second")
+            answer = client.post("/api/v1/events", content=_body([held]))
+            assert answer.status_code == 503
+            assert answer.json() == {"detail": "database unavailable"}
+            holder.rollback()
+        assert client.post("/api/v1/events", content=_body([held])).json()["accepted"] == 1
+        found = client.get("/api/v1/workflows/l1").json()
+        assert (found["state"]["branch_name"], found["revision"]) == ("second", 2)
+    assert "Traceback" not in server.stderr()
