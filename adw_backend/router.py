@@ -280,11 +280,13 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
 
         sender = asyncio.create_task(pump())
         tasks = [sender, asyncio.create_task(listen())]
-        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        if sender.done() and not sender.cancelled() and sender.exception() is None:
+        # A failed send or receive means the client is gone: nothing to close, nothing to log.
+        failed = [task for task in done if task.exception() is not None]
+        if sender in done and sender not in failed:
             code, reason = sender.result()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout=1.0)

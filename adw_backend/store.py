@@ -5,7 +5,8 @@ request is one transaction: the events are inserted with ``ON CONFLICT DO NOTHIN
 ``event_id`` primary key is the deduplication, across restarts and replicas), and only the
 ones actually inserted are folded into their workflows' projections, each workflow row locked
 (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite has one writer, serialised here) so that two
-replicas never lose each other's update. On PostgreSQL the same transaction sends a
+replicas never lose each other's update; so each applied event adds exactly one to its
+workflow's ``revision``, whichever replica folds it. On PostgreSQL the same transaction sends a
 ``NOTIFY`` so the other replicas broadcast what this one applied.
 
 On SQLite this process is the one writer, so it keeps the projections it last committed in
