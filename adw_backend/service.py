@@ -16,7 +16,7 @@ import orjson
 from pydantic import SecretStr
 
 from adw_backend.broadcast import Hub, PgListener, snapshot_message
-from adw_backend.errors import DatabaseUnavailable, Unauthorized
+from adw_backend.errors import CommitUnknown, DatabaseUnavailable, Unauthorized
 from adw_backend.projection import EventView, Projection
 from adw_backend.settings import Settings
 from adw_backend.store import Applied, Outcome, Store
@@ -91,9 +91,15 @@ class Service:
         # Published from the writing thread right after the commit (on SQLite, before the next
         # write begins): the clients see the events in the order they were committed, even
         # when requests overlap.
-        outcome = await anyio.to_thread.run_sync(
-            self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
-        )
+        try:
+            outcome = await anyio.to_thread.run_sync(
+                self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
+            )
+        except CommitUnknown:
+            # Perhaps committed, and then neither published here nor (being this replica's
+            # own) heard back from the database: bring the clients back to what it holds.
+            self.hub.resync(self.snapshot_text)
+            raise
         for item in outcome.applied:
             await self._notify(item)
         return outcome

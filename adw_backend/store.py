@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from adw_backend.errors import DatabaseUnavailable, InvalidEvent, NotFound
+from adw_backend.errors import CommitUnknown, DatabaseUnavailable, InvalidEvent, NotFound
 from adw_backend.projection import (
     EventView,
     Marks,
@@ -249,8 +249,10 @@ class Store:
 
     @contextmanager
     def _begin(self, write: bool) -> Iterator[Connection]:
-        """One transaction; any driver error leaves as :class:`DatabaseUnavailable`."""
+        """One transaction; any driver error leaves as :class:`DatabaseUnavailable`, or as
+        :class:`CommitUnknown` when it came from the commit itself."""
         lock = self._write_lock if write else None
+        committing = False
         try:
             if lock is not None:
                 lock.acquire()
@@ -262,6 +264,8 @@ class Store:
                             self._ready = True
                 with self.engine.begin() as conn:
                     yield conn
+                    # The work is done; what fails from here on fails in the commit.
+                    committing = True
             finally:
                 if lock is not None:
                     lock.release()
@@ -272,6 +276,8 @@ class Store:
         except sa.exc.SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             log.warning("database error: %s", reason[0] if reason else type(exc).__name__)
+            if committing:
+                raise CommitUnknown("database unavailable") from None
             raise DatabaseUnavailable("database unavailable") from None
 
     def setup(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -449,4 +450,104 @@ def test_a_workflow_held_by_a_stuck_transaction_is_503_not_a_hang(
         assert client.post("/api/v1/events", content=_body([held])).json()["accepted"] == 1
         found = client.get("/api/v1/workflows/l1").json()
         assert (found["state"]["branch_name"], found["revision"]) == ("second", 2)
+    assert "Traceback" not in server.stderr()
+
+
+class _CuttingProxy:
+    """A TCP proxy in front of PostgreSQL that, once armed, forwards the next ``COMMIT`` it
+    sees and then cuts that connection: the database commits, the replica never hears so."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+                if watch and b"COMMIT" in chunk and self.armed.is_set():
+                    self.armed.clear()
+                    self.cut.set()
+                    break
+        except OSError:
+            pass
+        writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        down = asyncio.create_task(self._pipe(reader, up_writer, watch=True))
+        up = asyncio.create_task(self._pipe(up_reader, writer, watch=False))
+        await asyncio.wait([down, up], return_when=asyncio.FIRST_COMPLETED)
+        # One side ended (or was cut): end both, so the replica sees its connection lost.
+        up_writer.close()
+        writer.close()
+        await asyncio.gather(down, up, return_exceptions=True)
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        async with server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._started.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> _CuttingProxy:
+        self._thread.start()
+        assert self._started.wait(WAIT)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        stop = self._stop
+        assert stop is not None
+        self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join(WAIT)
+
+
+def test_a_commit_whose_answer_is_lost_still_reaches_the_replicas_clients(
+    start_serve: Callable[..., ServeProcess], pg_cluster: PgCluster
+) -> None:
+    """The connection drops between the commit and its answer: the request is 503 and the
+    agent sends again (a duplicate then), and the replica's clients, which heard of the event
+    neither from the request nor (their replica's own) from the database, are resynchronised."""
+    database = pg_cluster.create_database()
+    name = database.rsplit("/", 1)[1]
+    with _CuttingProxy(pg_cluster.port) as proxy:
+        server = start_serve(f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}")
+        server.wait_listening()
+
+        async def scenario() -> None:
+            async with (
+                websockets.connect(server.ws_url) as socket,
+                httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client,
+            ):
+                picture = Picture()
+                picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
+                lost = workflow_update("u1", 1, branch_name="committed")
+                proxy.armed.set()
+                answer = await client.post("/api/v1/events", content=_body([lost]))
+                assert answer.status_code == 503
+                assert proxy.cut.is_set()
+                with psycopg.connect(database) as direct:
+                    stored = direct.execute(
+                        "SELECT count(*) FROM adw_events WHERE event_id = %s", (lost["event_id"],)
+                    ).fetchone()
+                assert stored == (1,)  # committed, though the replica could not know
+                while "u1" not in picture.workflows:
+                    picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
+                truth = (await client.get("/api/v1/workflows/u1")).json()
+                assert picture.workflows == {"u1": truth}
+                assert truth["state"]["branch_name"] == "committed"
+                again = await client.post("/api/v1/events", content=_body([lost]))
+                assert again.json() == {"accepted": 0, "duplicates": 1}
+
+        asyncio.run(scenario())
     assert "Traceback" not in server.stderr()
