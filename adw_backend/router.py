@@ -33,6 +33,7 @@ from adw_backend.broadcast import BEHIND, Resync, deleted_message
 from adw_backend.errors import (
     BackendError,
     BadInput,
+    CommitUnknown,
     DatabaseUnavailable,
     Unauthorized,
 )
@@ -182,6 +183,10 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
             service.authorize(request.headers.get("authorization"), write=True)
             await service.start()
             await anyio.to_thread.run_sync(service.store.delete, adw_id)
+        except CommitUnknown as exc:
+            # Perhaps deleted: the clients are told what the database holds (see ingest).
+            service.hub.resync(service.snapshot_text)
+            return _problem(exc)
         except BackendError as exc:
             return _problem(exc)
         service.hub.publish(deleted_message(adw_id, utc_now()))

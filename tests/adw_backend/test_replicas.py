@@ -499,6 +499,11 @@ class _CuttingProxy:
             self.port = server.sockets[0].getsockname()[1]
             self._started.set()
             await self._stop.wait()
+            # The connections still open (the replica is gone by now) end with the proxy.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     def __enter__(self) -> _CuttingProxy:
         self._thread.start()
@@ -510,6 +515,7 @@ class _CuttingProxy:
         assert stop is not None
         self._loop.call_soon_threadsafe(stop.set)
         self._thread.join(WAIT)
+        self._loop.close()
 
 
 def test_a_commit_whose_answer_is_lost_still_reaches_the_replicas_clients(
@@ -548,6 +554,15 @@ def test_a_commit_whose_answer_is_lost_still_reaches_the_replicas_clients(
                 assert truth["state"]["branch_name"] == "committed"
                 again = await client.post("/api/v1/events", content=_body([lost]))
                 assert again.json() == {"accepted": 0, "duplicates": 1}
+
+                # The same for an operator's deletion.
+                proxy.cut.clear()
+                proxy.armed.set()
+                assert (await client.delete("/api/v1/workflows/u1")).status_code == 503
+                assert proxy.cut.is_set()
+                while "u1" in picture.workflows:
+                    picture.apply(orjson.loads(await asyncio.wait_for(socket.recv(), WAIT)))
+                assert (await client.get("/api/v1/workflows/u1")).status_code == 404
 
         asyncio.run(scenario())
     assert "Traceback" not in server.stderr()
