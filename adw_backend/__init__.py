@@ -42,7 +42,7 @@ Projection (JSON) per ADW
 -------------------------
 ::
 
-    {"adw_id", "status": "running"|"completed"|"failed",
+    {"adw_id", "revision": int, "status": "running"|"completed"|"failed",
      "state": {every key of the newest adw_state.json snapshot},
      "current_phase", "completed_phases": [...], "phase_costs": {phase: float|null},  # ≤ 100
      "failed_phase", "last_error",
@@ -54,6 +54,8 @@ Projection (JSON) per ADW
                "dead_letters"},
      "created_at", "updated_at", "ended_at"}   # event timestamps (ISO 8601) or null
 
+``revision`` is one more for each event applied to the workflow (0 for a projection stored
+before revisions existed): of two projections of one workflow, the larger revision is newer.
 Values never seen are null (``cost.final`` false, ``tokens``/``breakdown`` empty). At most 100
 completed phases are kept per workflow, and phase names are cut to 200 characters.
 
@@ -65,7 +67,19 @@ per applied event, ``{"type": <event type>, "data": {...event data, "adw_id", "s
 "workflow": <projection after it>}, "timestamp": <event timestamp>, "source": <event source>}``.
 A deleted workflow: ``{"type": "workflow_deleted", "data": {"adw_id"}, "timestamp", "source":
 "backend"}``. A client that falls behind (``ws_queue`` messages or ``ws_queue_bytes``) is closed
-with code 1013 (1001 when the server stops); reconnect and take the new snapshot.
+with code 1013 (1001 when the server stops, 1011 when the database does not answer); reconnect
+and take the new snapshot.
+
+Two rules for a client. Messages may arrive out of order (a replica publishes its own commits
+at once and the other replicas' after loading them), so a message whose ``workflow.revision``
+is not above the one held for that workflow is dropped. And a ``workflows_snapshot`` may come
+again mid-stream, replacing the whole picture: each time a replica's listener has its
+``LISTEN`` in place again after losing it, every client of that replica is sent a fresh one
+(see :mod:`~adw_backend.broadcast`).
+
+``GET /healthz`` answers ``{"status": "ok", "database": "up", "ws_clients", "listening"}``, or
+503 with ``{"detail", "database": "down", "listening"}``; ``listening`` is null without
+PostgreSQL and false while this replica cannot hear the others.
 """
 
 from __future__ import annotations

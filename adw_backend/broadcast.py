@@ -10,6 +10,16 @@ A message is serialised once, whatever the number of clients.
 With PostgreSQL, a replica that applies an event also sends ``NOTIFY`` in the same transaction
 (see :mod:`adw_backend.store`); :class:`PgListener` in every replica reads those, skips its
 own, loads the event and projection from the database and publishes them to its own clients.
+
+Notices sent while a listener is not listening (the database restarting, its connection
+killed) are lost, and so would be the clients' updates. So every time the listener has its
+``LISTEN`` in place again, each client is resynchronised: a :class:`Resync` marker goes into its
+queue, and where the client reaches it it is sent a fresh ``workflows_snapshot`` read from the
+database after the marker was queued. What was committed before that read is in the snapshot;
+what was committed after it is heard and queued behind the marker; a message queued behind the
+marker about an event already in the snapshot carries a ``revision`` no larger than the
+snapshot's, and clients drop it (see :mod:`adw_backend.projection`). A failed read closes the
+client with 1011; it reconnects and takes a new snapshot.
 """
 
 from __future__ import annotations
@@ -18,14 +28,14 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 
 from adw_backend.errors import DatabaseUnavailable
 from adw_backend.projection import Projection
-from adw_backend.store import Applied, Store
+from adw_backend.store import Applied, Store, pg_connect_args
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +83,25 @@ BEHIND = 1013
 GOING_AWAY = 1001
 
 
+class Resync:
+    """A marker in clients' queues: send the snapshot ``snapshot`` gives (serialised; one read
+    shared by every client, started after the marker was queued)."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot: asyncio.Future[str]) -> None:
+        self.snapshot = snapshot
+
+
+Queued = str | Resync | None
+
+
 class Client:
     """One WebSocket connection's outgoing queue; ``None`` in the queue means "stop", with
     ``close_code`` saying why."""
 
     def __init__(self, bound: int, max_bytes: int) -> None:
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=bound)
+        self.queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=bound)
         self.max_bytes = max_bytes
         self.pending_bytes = 0
         self.dropped = False
@@ -95,11 +118,18 @@ class Client:
         self.pending_bytes += len(text)
         return True
 
-    async def next(self) -> str | None:
-        text = await self.queue.get()
-        if text is not None:
-            self.pending_bytes -= len(text)
-        return text
+    def offer_resync(self, marker: Resync) -> bool:
+        try:
+            self.queue.put_nowait(marker)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def next(self) -> Queued:
+        item = await self.queue.get()
+        if isinstance(item, str):
+            self.pending_bytes -= len(item)
+        return item
 
     def drop(self, code: int = BEHIND) -> None:
         """Stop the sender: empty the queue so the stop marker fits."""
@@ -121,6 +151,9 @@ class Hub:
         self._clients: set[Client] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dropped_total = 0
+        self.resyncs_total = 0
+        # Running snapshot reads, referenced until done (the loop keeps only weak references).
+        self._reads: set[asyncio.Task[str]] = set()
 
     @property
     def clients(self) -> int:
@@ -140,14 +173,44 @@ class Hub:
         text = orjson.dumps(message).decode()
         for client in list(self._clients):
             if not client.offer(text):
-                self._clients.discard(client)
-                self.dropped_total += 1
-                log.warning(
-                    "dropped a WebSocket client that fell behind (%d messages, %d bytes queued)",
-                    client.queue.qsize(),
-                    client.pending_bytes,
-                )
-                client.drop()
+                self._behind(client)
+
+    def _behind(self, client: Client) -> None:
+        self._clients.discard(client)
+        self.dropped_total += 1
+        log.warning(
+            "dropped a WebSocket client that fell behind (%d messages, %d bytes queued)",
+            client.queue.qsize(),
+            client.pending_bytes,
+        )
+        client.drop()
+
+    def resync(self, read: Callable[[], Coroutine[Any, Any, str]]) -> None:
+        """Bring every client back to the database's truth: queue a marker, then start one
+        read of the snapshot (after the marker, so nothing committed in between is missed)."""
+        if not self._clients:
+            return
+        self.resyncs_total += 1
+        # The task's first step runs on a later turn of the loop: after every marker is queued.
+        task = asyncio.get_running_loop().create_task(read())
+        self._reads.add(task)
+        task.add_done_callback(self._read_done)
+        marker = Resync(task)
+        for client in list(self._clients):
+            if not client.offer_resync(marker):
+                self._behind(client)
+
+    def _read_done(self, task: asyncio.Task[str]) -> None:
+        self._reads.discard(task)
+        if not task.cancelled():
+            # A failure is the clients' to handle (each one awaits the task); retrieved here so
+            # that it is not also reported as never retrieved when no client was left.
+            task.exception()
+
+    def resync_threadsafe(self, read: Callable[[], Coroutine[Any, Any, str]]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: shutting down
+                self.loop.call_soon_threadsafe(self.resync, read)
 
     def publish_applied(self, items: list[Applied]) -> None:
         """From the writing thread, right after a commit: one message per applied event, in
@@ -176,7 +239,10 @@ class Hub:
 class PgListener:
     """A thread that LISTENs on the notify channel and republishes other replicas' events.
 
-    Its own connection is reconnected after an error (the database restarting), with a pause.
+    Its own connection is reconnected after an error (the database restarting, the connection
+    killed, a notice's event that cannot be loaded), with a pause; each time ``LISTEN`` is in
+    place, ``listening()`` is called so that the clients are resynchronised (notices may have
+    been missed before it).
     """
 
     def __init__(
@@ -186,14 +252,19 @@ class PgListener:
         store: Store,
         deliver: Callable[[dict[str, Any]], None],
         now: Callable[[], str],
+        *,
+        listening: Callable[[], None] = lambda: None,
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
         self._store = store
         self._deliver = deliver
         self._now = now
+        self._listening = listening
         self._stop = threading.Event()
         self.ready = threading.Event()
+        #: Set once the first attempt to listen has succeeded or failed.
+        self.tried = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
 
     def start(self) -> None:
@@ -209,9 +280,16 @@ class PgListener:
         failing = False
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                given = psycopg.conninfo.conninfo_to_dict(self._conninfo).get("options")
+                conninfo = psycopg.conninfo.make_conninfo(
+                    self._conninfo, **pg_connect_args(given if isinstance(given, str) else None)
+                )
+                with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {self._channel}")  # the name is validated in Settings
                     self.ready.set()
+                    self.tried.set()
+                    failing = False
+                    self._listening()
                     while not self._stop.is_set():
                         first = list(conn.notifies(timeout=0.5, stop_after=1))
                         if not first:
@@ -220,12 +298,17 @@ class PgListener:
                         # with the first one, and load it all in one query.
                         more = list(conn.notifies(timeout=0.0, stop_after=GROUP - 1))
                         self._handle([note.payload for note in first + more])
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseUnavailable) as exc:
                 # Said once per outage, not once per retry.
-                if self.ready.is_set() or not failing:
-                    log.warning("cannot hear the other replicas, retrying: %s", exc)
+                if not failing:
+                    reason = str(exc).strip().splitlines()
+                    log.warning(
+                        "cannot hear the other replicas, retrying: %s",
+                        reason[0] if reason else type(exc).__name__,
+                    )
                 failing = True
                 self.ready.clear()
+                self.tried.set()
                 self._stop.wait(1.0)
 
     def _handle(self, payloads: list[str]) -> None:
@@ -246,10 +329,8 @@ class PgListener:
         self._load(pending)
 
     def _load(self, event_ids: list[str]) -> None:
-        try:
-            items = self._store.event_messages(event_ids)
-        except DatabaseUnavailable:
-            log.warning("cannot load %d replicated event(s)", len(event_ids))
-            return
-        for item in items:
+        """Publish the events ``event_ids``; :class:`DatabaseUnavailable` when they cannot be
+        loaded, which makes the listener start again (and resynchronise the clients) rather
+        than leave them without those events."""
+        for item in self._store.event_messages(event_ids):
             self._deliver(event_message(item))

@@ -47,5 +47,13 @@ class DatabaseUnavailable(BackendError):
     status = 503
 
 
+class CommitUnknown(DatabaseUnavailable):
+    """The connection failed while the transaction was committing: it may have committed.
+
+    Sending again is still right (a committed event comes back as a duplicate), but what this
+    process would have published after the commit was not published.
+    """
+
+
 class SettingsError(BackendError):
     """A setting that cannot be used: ``serve`` exits 78 with this one line."""

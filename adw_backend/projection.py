@@ -21,6 +21,13 @@ cost), and phase names are cut to :data:`MAX_PHASE_NAME` characters wherever the
 keeps them (current, completed, failed phase, cost points). tac-webbuilder has eight phases
 with short names.
 
+``revision`` counts the events folded into the projection (+1 for each newly applied event,
+whatever it changed). The projection of one workflow is written under a row lock, so each
+revision names exactly one projection and a larger one is always newer: a client that receives
+messages out of order (one replica's own commits and another replica's notices reach it by
+different paths) keeps the projection with the largest revision and drops older ones. A
+projection stored before revisions existed reads as revision 0 (:func:`upgrade`).
+
 ``cost_points`` keeps one point per ``cost_update`` (late ones included, in time order) and is
 bounded: when full, every second point of the older half is dropped, so old history gets
 coarser while recent history stays exact.
@@ -68,6 +75,7 @@ class AgentView(TypedDict):
 
 class Projection(TypedDict):
     adw_id: str
+    revision: int
     status: Status
     state: dict[str, Any]
     current_phase: str | None
@@ -113,6 +121,7 @@ class EventView(TypedDict):
 def new_projection(adw_id: str) -> Projection:
     return {
         "adw_id": adw_id,
+        "revision": 0,
         "status": "running",
         "state": {},
         "current_phase": None,
@@ -144,6 +153,14 @@ def new_projection(adw_id: str) -> Projection:
         "updated_at": None,
         "ended_at": None,
     }
+
+
+def upgrade(projection: Projection) -> Projection:
+    """A stored projection as this version shows it: one written before revisions existed
+    reads as revision 0 (changed in place; it was just decoded)."""
+    if "revision" not in projection:
+        projection["revision"] = 0
+    return projection
 
 
 def new_marks() -> Marks:
@@ -192,6 +209,7 @@ def apply(
     data = event["data"]
     key: Key = (event["epoch"], event["seq"])
     out: Projection = {**projection}
+    out["revision"] = projection.get("revision", 0) + 1
     stamp = event["timestamp"]
     if out["created_at"] is None or stamp < out["created_at"]:
         out["created_at"] = stamp

@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast, get_args
 
 import anyio
 import orjson
@@ -29,22 +29,25 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
-from adw_backend.broadcast import BEHIND, deleted_message, snapshot_message
+from adw_backend.broadcast import BEHIND, Resync, deleted_message
 from adw_backend.errors import (
     BackendError,
     BadInput,
+    CommitUnknown,
     DatabaseUnavailable,
     Unauthorized,
 )
 from adw_backend.intake import parse_batch, parse_one, read_body
 from adw_backend.projection import Status
-from adw_backend.service import OnApplied, Service
+from adw_backend.service import SNAPSHOT_LIMIT, OnApplied, Service
 from adw_backend.settings import Settings
 from agent.events import DATA_MODELS, utc_now
 
 STATIC = Path(__file__).resolve().parent / "static"
-#: Workflows in a WebSocket snapshot and, by default, in a listing (the most recent ones).
-SNAPSHOT_LIMIT = 1000
+
+
+#: WebSocket close code when the database does not answer (an internal error, in RFC 6455).
+UNAVAILABLE = 1011
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -180,6 +183,10 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
             service.authorize(request.headers.get("authorization"), write=True)
             await service.start()
             await anyio.to_thread.run_sync(service.store.delete, adw_id)
+        except CommitUnknown as exc:
+            # Perhaps deleted: the clients are told what the database holds (see ingest).
+            service.hub.resync(service.snapshot_text)
+            return _problem(exc)
         except BackendError as exc:
             return _problem(exc)
         service.hub.publish(deleted_message(adw_id, utc_now()))
@@ -190,12 +197,20 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
         try:
             await service.start()
             await anyio.to_thread.run_sync(service.store.ping)
-        except BackendError as exc:
-            return _problem(exc)
-        listener = service.listener
-        # null without PostgreSQL; false while this replica cannot hear the others.
-        listening = None if listener is None else listener.ready.is_set()
-        return _json({"status": "ok", "ws_clients": service.hub.clients, "listening": listening})
+        except DatabaseUnavailable as exc:
+            return _json(
+                {"detail": str(exc), "database": "down", "listening": _listening(service)},
+                exc.status,
+                {"Retry-After": "1"},
+            )
+        return _json(
+            {
+                "status": "ok",
+                "database": "up",
+                "ws_clients": service.hub.clients,
+                "listening": _listening(service),
+            }
+        )
 
     @router.get("/", response_model=None)
     async def page() -> Response:
@@ -209,6 +224,12 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
         await _serve_ws(service, websocket)
 
     return router
+
+
+def _listening(service: Service) -> bool | None:
+    """None without PostgreSQL; false while this replica cannot hear the others."""
+    listener = service.listener
+    return None if listener is None else listener.ready.is_set()
 
 
 async def _serve_ws(service: Service, websocket: WebSocket) -> None:
@@ -233,18 +254,28 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
     client = service.hub.add()
     try:
         try:
-            found = await anyio.to_thread.run_sync(service.store.workflows, None, SNAPSHOT_LIMIT)
+            snapshot = await service.snapshot_text()
         except DatabaseUnavailable:
-            await websocket.close(code=1011, reason="database unavailable")
+            await websocket.close(code=UNAVAILABLE, reason="database unavailable")
             return
-        snapshot = snapshot_message(found, utc_now())
-        await websocket.send_text(orjson.dumps(snapshot).decode())
+        await websocket.send_text(snapshot)
 
-        async def pump() -> Literal["dropped"]:
+        async def pump() -> tuple[int, str]:
             while True:
-                text = await client.next()
-                if text is None:
-                    return "dropped"
+                item = await client.next()
+                if item is None:
+                    return client.close_code, (
+                        "fell behind" if client.close_code == BEHIND else "server stopping"
+                    )
+                if isinstance(item, Resync):
+                    try:
+                        # Shielded: the read is shared, and this client leaving must not
+                        # cancel it for the others.
+                        text = await asyncio.shield(item.snapshot)
+                    except Exception:  # the read failed; the store logged why
+                        return UNAVAILABLE, "database unavailable"
+                else:
+                    text = item
                 await websocket.send_text(text)
 
         async def listen() -> None:
@@ -252,18 +283,18 @@ async def _serve_ws(service: Service, websocket: WebSocket) -> None:
             while (await websocket.receive())["type"] != "websocket.disconnect":
                 pass
 
-        tasks = [asyncio.create_task(pump()), asyncio.create_task(listen())]
+        sender = asyncio.create_task(pump())
+        tasks = [sender, asyncio.create_task(listen())]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if task.exception() is None and task.result() == "dropped":
-                reason = "fell behind" if client.close_code == BEHIND else "server stopping"
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        websocket.close(code=client.close_code, reason=reason), timeout=1.0
-                    )
+        # A failed send or receive means the client is gone: nothing to close, nothing to log.
+        failed = [task for task in done if task.exception() is not None]
+        if sender in done and sender not in failed:
+            code, reason = sender.result()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout=1.0)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:

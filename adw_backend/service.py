@@ -15,8 +15,8 @@ import anyio
 import orjson
 from pydantic import SecretStr
 
-from adw_backend.broadcast import Hub, PgListener
-from adw_backend.errors import DatabaseUnavailable, Unauthorized
+from adw_backend.broadcast import Hub, PgListener, snapshot_message
+from adw_backend.errors import CommitUnknown, DatabaseUnavailable, Unauthorized
 from adw_backend.projection import EventView, Projection
 from adw_backend.settings import Settings
 from adw_backend.store import Applied, Outcome, Store
@@ -25,6 +25,11 @@ from agent.events import utc_now
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[Projection], Awaitable[None] | None]
+
+#: Workflows in a WebSocket snapshot and, by default, in a listing (the most recent ones).
+SNAPSHOT_LIMIT = 1000
+#: Seconds a start waits for the first attempt to listen to the other replicas.
+LISTEN_WAIT = 10.0
 
 
 class Service:
@@ -61,8 +66,18 @@ class Service:
                 self.store,
                 self.hub.publish_threadsafe,
                 utc_now,
+                listening=lambda: self.hub.resync_threadsafe(self.snapshot_text),
             )
             self.listener.start()
+            # Clients are served once this replica hears the others (or has failed to, the
+            # database being down): a client taken on before would miss what they apply
+            # meanwhile, until the listener's first resynchronisation.
+            await anyio.to_thread.run_sync(self.listener.tried.wait, LISTEN_WAIT)
+
+    async def snapshot_text(self) -> str:
+        """A ``workflows_snapshot`` message, serialised, read now."""
+        found = await anyio.to_thread.run_sync(self.store.workflows, None, SNAPSHOT_LIMIT)
+        return orjson.dumps(snapshot_message(found, utc_now())).decode()
 
     async def stop(self) -> None:
         self.hub.close()
@@ -76,9 +91,15 @@ class Service:
         # Published from the writing thread right after the commit (on SQLite, before the next
         # write begins): the clients see the events in the order they were committed, even
         # when requests overlap.
-        outcome = await anyio.to_thread.run_sync(
-            self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
-        )
+        try:
+            outcome = await anyio.to_thread.run_sync(
+                self.store.ingest, list(zip(batch, sources, strict=True)), self.hub.publish_applied
+            )
+        except CommitUnknown:
+            # Perhaps committed, and then neither published here nor (being this replica's
+            # own) heard back from the database: bring the clients back to what it holds.
+            self.hub.resync(self.snapshot_text)
+            raise
         for item in outcome.applied:
             await self._notify(item)
         return outcome

@@ -5,7 +5,8 @@ request is one transaction: the events are inserted with ``ON CONFLICT DO NOTHIN
 ``event_id`` primary key is the deduplication, across restarts and replicas), and only the
 ones actually inserted are folded into their workflows' projections, each workflow row locked
 (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite has one writer, serialised here) so that two
-replicas never lose each other's update. On PostgreSQL the same transaction sends a
+replicas never lose each other's update; so each applied event adds exactly one to its
+workflow's ``revision``, whichever replica folds it. On PostgreSQL the same transaction sends a
 ``NOTIFY`` so the other replicas broadcast what this one applied.
 
 On SQLite this process is the one writer, so it keeps the projections it last committed in
@@ -31,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from adw_backend.errors import DatabaseUnavailable, InvalidEvent, NotFound
+from adw_backend.errors import CommitUnknown, DatabaseUnavailable, InvalidEvent, NotFound
 from adw_backend.projection import (
     EventView,
     Marks,
@@ -40,6 +41,7 @@ from adw_backend.projection import (
     apply,
     new_marks,
     new_projection,
+    upgrade,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,36 @@ log = logging.getLogger(__name__)
 #: their JSON (a workflow whose JSON is over an eighth of it is never kept).
 CACHE_WORKFLOWS = 2000
 CACHE_BYTES = 32 * 1024 * 1024
+
+#: libpq options of every PostgreSQL connection: a database that does not answer is an error
+#: within seconds (never a hang), and a connection whose server vanished without closing it
+#: (a host gone, a network cut) is found dead by TCP keepalives instead of waited on forever.
+#: The server settings are enforced by PostgreSQL itself, whatever state a replica is in: a
+#: request waits at most ``lock_timeout`` for a workflow another transaction holds (then 503,
+#: and the agent sends again), and the transaction of a replica that stopped answering in the
+#: middle of it (frozen, or its host cut off, so that its connection never closes) is rolled
+#: back after ``idle_in_transaction_session_timeout``, releasing its workflows.
+CONNECT_ARGS: dict[str, str | int] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "options": "-c lock_timeout=10s -c idle_in_transaction_session_timeout=30s",
+}
+
+
+def pg_connect_args(given_options: str | None) -> dict[str, str | int]:
+    """:data:`CONNECT_ARGS`, keeping the ``options`` the database URL gives (after ours, so
+    that a setting it spells out wins)."""
+    args = dict(CONNECT_ARGS)
+    if given_options:
+        args["options"] = f"{args['options']} {given_options}"
+    return args
+
+
+#: Seconds a request waits for a pooled connection before it is answered 503.
+POOL_TIMEOUT = 5.0
 
 #: Ids looked up per statement: under SQLite's smallest limit on bound parameters (999).
 _SQLITE_CHUNK = 900
@@ -136,6 +168,14 @@ class _Projections:
             self._bytes -= found[2]
 
 
+def _url_option(url: str, name: str) -> str | None:
+    try:
+        found = sa.engine.make_url(url).query.get(name)
+    except sa.exc.ArgumentError:
+        return None  # reported where the engine is created
+    return found if isinstance(found, str) else None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -155,7 +195,15 @@ class Store:
         self.is_postgres = url.startswith("postgres")
         options: dict[str, Any] = {"json_serializer": _json, "json_deserializer": orjson.loads}
         if self.is_postgres:
-            options |= {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+            # Pre-ping: a pooled connection from before a database restart is found dead and
+            # replaced when it is taken, so the process recovers by itself.
+            options |= {
+                "pool_pre_ping": True,
+                "pool_size": 10,
+                "max_overflow": 20,
+                "pool_timeout": POOL_TIMEOUT,
+                "connect_args": pg_connect_args(_url_option(url, "options")),
+            }
         else:
             options["connect_args"] = {"timeout": 10.0}
         try:
@@ -201,8 +249,10 @@ class Store:
 
     @contextmanager
     def _begin(self, write: bool) -> Iterator[Connection]:
-        """One transaction; any driver error leaves as :class:`DatabaseUnavailable`."""
+        """One transaction; any driver error leaves as :class:`DatabaseUnavailable`, or as
+        :class:`CommitUnknown` when it came from the commit itself."""
         lock = self._write_lock if write else None
+        committing = False
         try:
             if lock is not None:
                 lock.acquire()
@@ -214,6 +264,8 @@ class Store:
                             self._ready = True
                 with self.engine.begin() as conn:
                     yield conn
+                    # The work is done; what fails from here on fails in the commit.
+                    committing = True
             finally:
                 if lock is not None:
                     lock.release()
@@ -224,6 +276,8 @@ class Store:
         except sa.exc.SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             log.warning("database error: %s", reason[0] if reason else type(exc).__name__)
+            if committing:
+                raise CommitUnknown("database unavailable") from None
             raise DatabaseUnavailable("database unavailable") from None
 
     def setup(self) -> None:
@@ -485,7 +539,7 @@ class Store:
         if status is not None:
             query = query.where(workflows.c.status == status)
         with self._begin(write=False) as conn:
-            return [row.projection for row in conn.execute(query)]
+            return [upgrade(row.projection) for row in conn.execute(query)]
 
     def workflow(self, adw_id: str) -> Projection:
         with self._begin(write=False) as conn:
@@ -494,8 +548,7 @@ class Store:
             ).first()
         if row is None:
             raise NotFound(f"no workflow {adw_id!r}")
-        projection: Projection = row.projection
-        return projection
+        return upgrade(row.projection)
 
     def events(
         self, adw_id: str, *, after_seq: int = -1, after_epoch: int | None = None, limit: int = 100
@@ -543,7 +596,7 @@ class Store:
             )
             ids = sorted({row.adw_id for row in rows})
             current = {
-                wf.adw_id: wf.projection
+                wf.adw_id: upgrade(wf.projection)
                 for wf in conn.execute(
                     sa.select(workflows.c.adw_id, workflows.c.projection).where(
                         workflows.c.adw_id.in_(ids)

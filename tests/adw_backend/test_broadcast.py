@@ -1,10 +1,17 @@
-"""The hub on its own: a full queue drops that client and nobody else."""
+"""The hub on its own: a full queue drops that client and nobody else; a resynchronisation
+queues a marker per client and reads one snapshot for all of them."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
-from adw_backend.broadcast import Hub
+import orjson
+import pytest
+
+from adw_backend.broadcast import Hub, PgListener, Resync
+from adw_backend.errors import DatabaseUnavailable
+from adw_backend.store import Applied, Store
 
 
 def test_a_full_client_is_dropped_and_the_others_get_every_message() -> None:
@@ -12,7 +19,7 @@ def test_a_full_client_is_dropped_and_the_others_get_every_message() -> None:
         hub = Hub(bound=3)
         hub.loop = asyncio.get_running_loop()
         stalled, reading = hub.add(), hub.add()
-        got: list[str | None] = []
+        got: list[object] = []
         for n in range(10):
             hub.publish({"n": n})
             got.append(await reading.next())
@@ -63,3 +70,89 @@ def test_reading_frees_the_bytes() -> None:
         assert not client.dropped
 
     asyncio.run(scenario())
+
+
+def test_a_resync_queues_one_marker_per_client_then_reads_the_snapshot_once() -> None:
+    async def scenario() -> None:
+        hub = Hub(bound=8)
+        hub.loop = asyncio.get_running_loop()
+        clients = [hub.add(), hub.add()]
+        hub.publish({"n": 1})
+        queued_at_read: list[int] = []
+        was_read = asyncio.Event()
+
+        async def read() -> str:
+            # The read starts only once every marker is queued behind what came before.
+            queued_at_read.extend(c.queue.qsize() for c in clients)
+            was_read.set()
+            return '{"type":"workflows_snapshot"}'
+
+        hub.resync(read)
+        hub.publish({"n": 2})
+        await asyncio.wait_for(was_read.wait(), 10)
+        for client in clients:
+            assert await client.next() == '{"n":1}'
+            marker = await client.next()
+            assert isinstance(marker, Resync)
+            assert await marker.snapshot == '{"type":"workflows_snapshot"}'
+            assert await client.next() == '{"n":2}'
+        assert queued_at_read == [3, 3]  # per client: 1, the marker, and 2 queued at once
+        assert hub.resyncs_total == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_resync_read_reaches_every_client_and_nothing_else() -> None:
+    async def scenario() -> None:
+        hub = Hub(bound=8)
+        hub.loop = asyncio.get_running_loop()
+        client = hub.add()
+
+        async def read() -> str:
+            raise DatabaseUnavailable("database unavailable")
+
+        hub.resync(read)
+        marker = await client.next()
+        assert isinstance(marker, Resync)
+        with pytest.raises(DatabaseUnavailable):
+            await marker.snapshot
+
+    asyncio.run(scenario())
+
+
+def test_a_resync_without_clients_reads_nothing_and_a_full_queue_drops_its_client() -> None:
+    async def scenario() -> None:
+        hub = Hub(bound=1)
+        hub.loop = asyncio.get_running_loop()
+        reads: list[None] = []
+
+        async def read() -> str:
+            reads.append(None)
+            return "{}"
+
+        hub.resync(read)
+        assert hub.resyncs_total == 0
+        full = hub.add()
+        hub.publish({"n": 1})
+        hub.resync(read)
+        assert full.dropped
+        assert hub.clients == 0
+
+    asyncio.run(scenario())
+
+
+class _UnreachableStore:
+    origin = "this-replica"
+
+    def event_messages(self, event_ids: list[str]) -> list[Applied]:
+        raise DatabaseUnavailable("database unavailable")
+
+
+def test_events_the_listener_cannot_load_make_it_start_again() -> None:
+    """Rather than drop them: starting again resynchronises the clients once it listens."""
+    listener = PgListener(
+        "", "adw_events", cast(Store, _UnreachableStore()), lambda _m: None, lambda: ""
+    )
+    notices = [orjson.dumps({"event_id": "e1", "origin": "other-replica"}).decode()]
+    with pytest.raises(DatabaseUnavailable):
+        listener._handle(notices)  # the step between a notice and a client

@@ -10,7 +10,7 @@ import pytest
 from adw_backend.errors import DatabaseUnavailable
 from adw_backend.intake import check_event
 from adw_backend.projection import EventView, new_marks, new_projection
-from adw_backend.store import Applied, Store, _Projections
+from adw_backend.store import CONNECT_ARGS, Applied, Store, _Projections, pg_connect_args
 from agent.events import Event
 from tests.adw_backend import factory
 
@@ -89,3 +89,12 @@ def test_the_cache_is_bounded() -> None:
     for i in range(5):
         small.put(f"a{i}", new_projection(f"a{i}"), new_marks(), 1)
     assert len(small) == 3
+
+
+def test_postgresql_options_in_the_url_are_kept_after_the_backends_own() -> None:
+    assert pg_connect_args(None) == CONNECT_ARGS
+    args = pg_connect_args("-c search_path=adw")
+    assert args["options"] == f"{CONNECT_ARGS['options']} -c search_path=adw"
+    assert {k: v for k, v in args.items() if k != "options"} == {
+        k: v for k, v in CONNECT_ARGS.items() if k != "options"
+    }
