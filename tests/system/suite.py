@@ -60,6 +60,10 @@ FaultKind = Literal[
     "backend_503",
     "switch_proxy",
 ]
+#: Faults that both drive the proxy, never drawn together.
+PROXY_FAULTS = frozenset({"kill_proxy", "backend_503", "switch_proxy"})
+#: The share of faults that come with a second one at the same time.
+OVERLAP = 0.3
 FAULTS: tuple[FaultKind, ...] = (
     "kill_agent",
     "kill_replica",
@@ -94,11 +98,19 @@ class Options:
     faults: tuple[FaultKind, ...] = FAULTS
 
 
-@dataclass
-class Fault:
+@dataclass(frozen=True)
+class Plan:
+    """One fault as drawn: what it hits (a host's or replica's index) and for how long."""
+
     kind: FaultKind
     target: str
-    held: float
+    index: int
+    hold: float
+
+
+@dataclass
+class Fault:
+    plans: list[Plan]
     converged: float | None
 
 
@@ -115,6 +127,7 @@ class Report:
     duplicates: int = 0
     delivered: int = 0
     last_convergence: float | None = None
+    last_heal: float | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -123,11 +136,13 @@ class Report:
 
     def lines(self) -> list[str]:
         times = sorted(f.converged for f in self.faults if f.converged is not None)
-        kinds = Counter(f.kind for f in self.faults)
+        kinds = Counter(p.kind for f in self.faults for p in f.plans)
         out = [
             f"seed {self.seed}, {self.minutes:g} min of faults, {self.runs} runs "
             f"({self.failed_runs} ending in failure)",
-            "faults: " + ", ".join(f"{k} {kinds[k]}" for k in FAULTS if kinds[k]),
+            f"faults: {sum(kinds.values())} injected, "
+            + ", ".join(f"{k} {kinds[k]}" for k in FAULTS if kinds[k])
+            + f"; {sum(1 for f in self.faults if len(f.plans) > 1)} times two at once",
             "kills: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kills.items())),
             f"events checked {self.audit.events_checked} (agents counted {self.delivered} "
             f"delivered), duplicates collapsed "
@@ -140,7 +155,10 @@ class Report:
                 f"{_p99(times):.2f} s, max {times[-1]:.2f} s over {len(times)} faults"
             )
         if self.last_convergence is not None:
-            out.append(f"converged {self.last_convergence:.2f} s after the last fault healed")
+            out.append(
+                f"after the last fault healed, every run written to its end and shown as "
+                f"written within {self.last_convergence:.2f} s"
+            )
         out.append(
             "peak RSS MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.peak_mb.items()))
         )
@@ -175,6 +193,8 @@ class System:
         self.problems: list[str] = []
         self._expected_down: set[str] = set()
         self._stop = threading.Event()
+        # Holds and pauses only: never set, so waiting on it is a plain, interruptible sleep.
+        self._ticker = threading.Event()
         self._monitor = threading.Thread(target=self._watch_parts, daemon=True)
 
     # -- start ----------------------------------------------------------------------------------
@@ -285,55 +305,74 @@ class System:
         finally:
             self._expected_down.discard(part.name)
 
-    def inject(self, kind: FaultKind, hold: float) -> str:
-        """Apply one fault, hold it, heal it; returns what it hit."""
-        rng = self.rng
-        if kind == "kill_agent":
-            host = rng.choice(self.hosts)
-            with self.down(host.agent):
-                host.agent.kill9()
-                self._stop.wait(hold)
-                self.start_agent(host)
-            return host.agent.name
+    def draw(self, kind: FaultKind) -> Plan:
+        """What a fault of ``kind`` hits and for how long, drawn from the seed."""
+        hold = self.rng.uniform(*HOLD[kind])
+        if kind in ("kill_agent", "net_cut", "disk_full"):
+            index = self.rng.randrange(len(self.hosts))
+            host = self.hosts[index]
+            return Plan(kind, host.agent.name if kind == "kill_agent" else f"h{host.number}",
+                        index, hold)  # fmt: skip
         if kind == "kill_replica":
-            part = rng.choice(self.replicas)
+            index = self.rng.randrange(len(self.replicas))
+            return Plan(kind, self.replicas[index].name, index, hold)
+        return Plan(kind, "postgresql" if kind == "pg_restart" else "proxy", 0, hold)
+
+    def apply(self, plan: Plan) -> None:
+        """Inflict the fault, hold it, heal it."""
+        kind, hold = plan.kind, plan.hold
+        if kind in ("kill_agent", "kill_replica", "kill_proxy"):
+            host = self.hosts[plan.index]
+            part = (
+                host.agent if kind == "kill_agent"
+                else self.replicas[plan.index] if kind == "kill_replica"
+                else self.proxy
+            )  # fmt: skip
+            assert part is not None
             with self.down(part):
                 part.kill9()
-                self._stop.wait(hold)
-                part.start()
-            return part.name
-        if kind == "kill_proxy":
-            assert self.proxy is not None
-            with self.down(self.proxy):
-                self.proxy.kill9()
-                self._stop.wait(hold)
-                self.proxy.start()
-            return "proxy"
-        if kind == "pg_restart":
+                self._ticker.wait(hold)
+                if kind == "kill_agent":
+                    self.start_agent(host)
+                else:
+                    part.start()
+        elif kind == "pg_restart":
             self.cluster.stop()
-            self._stop.wait(hold)
+            self._ticker.wait(hold)
             self.cluster.start_server()
-            return "postgresql"
-        if kind == "net_cut":
-            host = rng.choice(self.hosts)
-            self.network.cut(host.link)
-            self._stop.wait(hold)
-            self.network.restore(host.link)
-            return f"h{host.number}"
-        if kind == "disk_full":
-            host = rng.choice(self.hosts)
+        elif kind == "net_cut":
+            link = self.hosts[plan.index].link
+            self.network.cut(link)
+            self._ticker.wait(hold)
+            self.network.restore(link)
+        elif kind == "disk_full":
+            host = self.hosts[plan.index]
             host.fill_disk()
-            self._stop.wait(hold)
+            self._ticker.wait(hold)
             host.free_disk()
-            return f"h{host.number}"
-        if kind == "backend_503":
+        elif kind == "backend_503":
             self._answer(self.proxy_control("503 on"))
-            self._stop.wait(hold)
+            self._ticker.wait(hold)
             self._answer(self.proxy_control("503 off"))
-            return "proxy"
-        status = orjson.loads(self.proxy_control("status"))
-        self._answer(self.proxy_control(f"use {1 - int(status['upstream'])}"))
-        return "proxy"
+        else:
+            status = orjson.loads(self.proxy_control("status"))
+            self._answer(self.proxy_control(f"use {1 - int(status['upstream'])}"))
+
+    def inject(self, plans: list[Plan]) -> None:
+        """Apply faults at the same time, each in its own thread; any failure to inflict or
+        heal one is a problem of the suite's own, reported as such."""
+
+        def one(plan: Plan) -> None:
+            try:
+                self.apply(plan)
+            except Exception as exc:  # reported, not lost in a thread
+                self.problems.append(f"cannot inflict or heal {plan.kind} on {plan.target}: {exc}")
+
+        threads = [threading.Thread(target=one, args=(plan,)) for plan in plans]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _answer(self, answer: str) -> None:
         if answer != "ok":
@@ -458,7 +497,7 @@ def run(
                     report.kills[part.kind] += part.kills
                     report.peak_mb[part.name] = part.peak_mb
                 report.kills["postgresql"] += sum(
-                    1 for f in report.faults if f.kind == "pg_restart"
+                    1 for f in report.faults for p in f.plans if p.kind == "pg_restart"
                 )
     finally:
         if own and report.ok:
@@ -474,22 +513,27 @@ def _play(system: System, options: Options, report: Report, say: Callable[[str],
     rng = system.rng
     deadline = time.monotonic() + options.minutes * 60
     while time.monotonic() < deadline and not system.problems:
-        system._stop.wait(rng.uniform(0.5, 3.0))
-        kind = rng.choice(options.faults)
-        hold = rng.uniform(*HOLD[kind])
-        target = system.inject(kind, hold)
+        system._ticker.wait(rng.uniform(0.5, 3.0))
+        kinds = [rng.choice(options.faults)]
+        if rng.random() < OVERLAP:
+            second = rng.choice(options.faults)
+            if second != kinds[0] and not {kinds[0], second} <= PROXY_FAULTS:
+                kinds.append(second)
+        plans = [system.draw(kind) for kind in kinds]
+        system.inject(plans)
         try:
             took: float | None = system.converge()
         except AssertionError as exc:
             took = None
-            system.problems.append(f"{kind} on {target}: {exc}")
-        report.faults.append(Fault(kind, target, hold, took))
-        say(f"  {len(report.faults):3d} {kind:<13} {target:<10} held {hold:4.1f} s, "
-            f"converged in {'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
+            system.problems.append(f"{' + '.join(kinds)}: {exc}")
+        report.faults.append(Fault(plans, took))
+        report.last_heal = time.monotonic() - (took or 0.0)
+        what = " + ".join(f"{p.kind} {p.target} {p.hold:.1f} s" for p in plans)
+        say(f"  {len(report.faults):3d} {what:<56} converged in "
+            f"{'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
 
 
 def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
-    last_heal = time.monotonic()
     for workload in system.workloads:
         workload.no_new.set()
         workload.hurry.set()
@@ -502,7 +546,7 @@ def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
     report.problems += [f"{t.adw_id}: writer failed: {t.error}" for t in truths if t.error]
     try:
         wait_for(lambda: system.drained() and system.matches_truth(), "the truth", 300, tick=0.2)
-        report.last_convergence = time.monotonic() - last_heal
+        report.last_convergence = time.monotonic() - (report.last_heal or time.monotonic())
     except AssertionError:
         shown = system.shown()
         for truth in truths:
@@ -547,5 +591,5 @@ def _check_view(system: System, report: Report) -> None:
         dump = int(found["dump"])
         wrong = oracle.view_mismatches(found["workflows"], system.shown())
         if wrong:
-            system._stop.wait(0.5)
+            system._ticker.wait(0.5)
     report.problems += [f"viewer: {w}" for w in wrong[:10]]
