@@ -128,6 +128,7 @@ class Report:
     delivered: int = 0
     last_convergence: float | None = None
     last_heal: float | None = None
+    viewer_connections: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -159,6 +160,7 @@ class Report:
                 f"after the last fault healed, every run written to its end and shown as "
                 f"written within {self.last_convergence:.2f} s"
             )
+        out.append(f"viewer connections {self.viewer_connections} (reconnected after each loss)")
         out.append(
             "peak RSS MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.peak_mb.items()))
         )
@@ -589,6 +591,7 @@ def _check_view(system: System, report: Report) -> None:
     while wrong and time.monotonic() < deadline:
         found = system.dump_view(dump)
         dump = int(found["dump"])
+        report.viewer_connections = int(found["connections"])
         wrong = oracle.view_mismatches(found["workflows"], system.shown())
         if wrong:
             system._ticker.wait(0.5)
