@@ -86,6 +86,8 @@ HOLD: dict[FaultKind, tuple[float, float]] = {
     "switch_proxy": (0.0, 0.0),
 }
 CONVERGE_TIMEOUT = 180.0
+#: How long the viewer may show an ended run otherwise than the database.
+SCREEN_LAG = 15.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ class System:
         self._stop = threading.Event()
         # Holds and pauses only: never set, so waiting on it is a plain, interruptible sleep.
         self._ticker = threading.Event()
+        self._dumps = 0
         self._monitor = threading.Thread(target=self._watch_parts, daemon=True)
 
     # -- start ----------------------------------------------------------------------------------
@@ -444,10 +447,12 @@ class System:
     def drained(self) -> bool:
         return all(oracle.depth(h.storage)[0] == 0 for h in self.hosts)
 
-    def dump_view(self, previous: int) -> dict[str, Any]:
+    def dump_view(self) -> dict[str, Any]:
+        """The viewer's picture now (it writes it on SIGUSR1)."""
         assert self.viewer is not None
         assert self.viewer.proc is not None
-        self.viewer.proc.send_signal(10)  # SIGUSR1: write the picture now
+        previous = self._dumps
+        self.viewer.proc.send_signal(10)
 
         def written() -> bool:
             try:
@@ -457,7 +462,22 @@ class System:
 
         wait_for(written, "the viewer to write its picture", 30)
         found: dict[str, Any] = orjson.loads(self.view.read_bytes())
+        self._dumps = int(found["dump"])
         return found
+
+    def stale_on_screen(self) -> list[str]:
+        """Runs that have ended, are shown as written in the database, and that the viewer
+        shows otherwise. Checked after every fault, so that a reconnection (which brings a
+        fresh snapshot) cannot hide a live update the viewer missed before it."""
+        found = self.dump_view()["workflows"]
+        shown = self.shown()
+        return [
+            truth.adw_id
+            for truth in self.truths()
+            if truth.ended
+            and not oracle.truth_mismatches(truth, shown.get(truth.adw_id))
+            and found.get(truth.adw_id) != shown.get(truth.adw_id)
+        ]
 
     def stop(self) -> None:
         self._stop.set()
@@ -530,6 +550,7 @@ def _play(system: System, options: Options, report: Report, say: Callable[[str],
             system.problems.append(f"{' + '.join(kinds)}: {exc}")
         report.faults.append(Fault(plans, took))
         report.last_heal = time.monotonic() - (took or 0.0)
+        _check_screen(system, " + ".join(kinds))
         what = " + ".join(f"{p.kind} {p.target} {p.hold:.1f} s" for p in plans)
         say(f"  {len(report.faults):3d} {what:<56} converged in "
             f"{'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
@@ -584,13 +605,25 @@ def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
     say("finished; checking")
 
 
+def _check_screen(system: System, after: str) -> None:
+    """Every ended run on the screen as in the database, within :data:`SCREEN_LAG` seconds."""
+    deadline = time.monotonic() + SCREEN_LAG
+    stale = system.stale_on_screen()
+    while stale and time.monotonic() < deadline:
+        system._ticker.wait(0.2)
+        stale = system.stale_on_screen()
+    if stale:
+        system.problems.append(
+            f"after {after}: the viewer still shows {len(stale)} ended run(s) unlike the "
+            f"database {SCREEN_LAG:.0f} s later: {stale[:5]}"
+        )
+
+
 def _check_view(system: System, report: Report) -> None:
-    dump = 0
     wrong: list[str] = ["never compared"]
     deadline = time.monotonic() + 60
     while wrong and time.monotonic() < deadline:
-        found = system.dump_view(dump)
-        dump = int(found["dump"])
+        found = system.dump_view()
         report.viewer_connections = int(found["connections"])
         wrong = oracle.view_mismatches(found["workflows"], system.shown())
         if wrong:
