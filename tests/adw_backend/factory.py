@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from adw_backend.projection import EventView
 from agent.events import Event, check_data
 
 
@@ -98,3 +99,16 @@ def agent_status(adw: str, seq: int, depth: int = 0, epoch: int = 0) -> dict[str
         "last_delivery_error": None,
     }
     return event("agent_status", adw, seq, data, epoch)
+
+
+def view(envelope: dict[str, Any]) -> EventView:
+    """The parts of an envelope the projection reads."""
+    return {
+        "type": envelope["type"],
+        "event_id": envelope["event_id"],
+        "adw_id": envelope["adw_id"],
+        "epoch": envelope["epoch"],
+        "seq": envelope["seq"],
+        "timestamp": envelope["timestamp"],
+        "data": envelope["data"],
+    }

@@ -7,8 +7,6 @@ find its way back after the backend restarts. Every wait is on the page's DOM.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -27,10 +25,12 @@ from websockets.http11 import Response as WsResponse
 
 import adw_backend
 from adw_backend.broadcast import snapshot_message
-from adw_backend.projection import EventView, Projection, apply, new_marks, new_projection
+from adw_backend.projection import Projection, apply, new_marks, new_projection
 from tests.adw_backend import factory
 from tests.adw_backend.browser import browser  # noqa: F401  (the fixture)
 from tests.adw_backend.conftest import ServeProcess
+from tests.adw_backend.factory import view
+from tests.adw_backend.loop import LoopServer
 from tests.harness import AdwWriter, AgentProcess, fixture_lines, write_config
 
 WAIT = 30.0
@@ -345,17 +345,14 @@ def test_page_marks_a_stale_heartbeat(
     assert "3 queued" in fresh
 
 
-class _ScriptedBackend:
+class _ScriptedBackend(LoopServer):
     """The page's own file and a WebSocket that sends ``messages`` in the order given (the
     order a client of one replica may receive them in), on a real socket."""
 
     def __init__(self, messages: list[dict[str, Any]]) -> None:
+        super().__init__()
         self.messages = [orjson.dumps(m).decode() for m in messages]
         self.url = ""
-        self._started = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
 
     async def _run(self) -> None:
         page = (Path(adw_backend.__file__).parent / "static" / "index.html").read_text()
@@ -373,36 +370,11 @@ class _ScriptedBackend:
                 await connection.send(text)
             await connection.wait_closed()
 
-        self._stop = asyncio.Event()
         async with serve(handler, "127.0.0.1", 0, process_request=process_request) as server:
             port = next(iter(server.sockets)).getsockname()[1]
             self.url = f"http://127.0.0.1:{port}"
             self._started.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> _ScriptedBackend:
-        self._thread.start()
-        assert self._started.wait(WAIT)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        stop = self._stop
-        assert stop is not None
-        self._loop.call_soon_threadsafe(stop.set)
-        self._thread.join(WAIT)
-        self._loop.close()
-
-
-def _view(envelope: dict[str, Any]) -> EventView:
-    return {
-        "type": envelope["type"],
-        "event_id": envelope["event_id"],
-        "adw_id": envelope["adw_id"],
-        "epoch": envelope["epoch"],
-        "seq": envelope["seq"],
-        "timestamp": envelope["timestamp"],
-        "data": envelope["data"],
-    }
+            await self._stopped()
 
 
 def _event_message(projection: Projection, seq: int) -> dict[str, Any]:
@@ -421,12 +393,12 @@ def test_page_keeps_the_newest_revision_when_an_older_one_arrives_after_it(
     marks = new_marks()
     for seq, branch in enumerate(["feat-first", "feat-older", "feat-newest"], start=1):
         ev = factory.workflow_update(RUNNING, seq, **_state(RUNNING, branch_name=branch))
-        projection, marks = apply(folded[-1], marks, _view(ev))
+        projection, marks = apply(folded[-1], marks, view(ev))
         folded.append(projection)
     first, older, newest = folded[1:]
     assert (first["revision"], older["revision"], newest["revision"]) == (1, 2, 3)
     other, _ = apply(
-        new_projection(FAILING), new_marks(), _view(factory.workflow_update(FAILING, 1))
+        new_projection(FAILING), new_marks(), view(factory.workflow_update(FAILING, 1))
     )
     messages = [
         snapshot_message([first], "2026-11-30T12:00:00.000Z"),

@@ -20,20 +20,9 @@ from adw_backend.projection import (
     upgrade,
 )
 from tests.adw_backend import factory
+from tests.adw_backend.factory import view
 
 PHASES = ["Plan", "Validate", "Build", "Test", "Review"]
-
-
-def view(envelope: dict[str, Any]) -> EventView:
-    return {
-        "type": envelope["type"],
-        "event_id": envelope["event_id"],
-        "adw_id": envelope["adw_id"],
-        "epoch": envelope["epoch"],
-        "seq": envelope["seq"],
-        "timestamp": envelope["timestamp"],
-        "data": envelope["data"],
-    }
 
 
 def fold(events: list[EventView], limit: int = 500) -> tuple[Projection, Marks]:

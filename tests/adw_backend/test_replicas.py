@@ -17,6 +17,7 @@ import websockets
 
 from tests.adw_backend.conftest import PgCluster, ServeProcess, throwaway_cluster
 from tests.adw_backend.factory import cost_update, workflow_update
+from tests.adw_backend.loop import LoopServer
 from tests.adw_backend.picture import Picture
 
 WAIT = 30.0
@@ -453,19 +454,16 @@ def test_a_workflow_held_by_a_stuck_transaction_is_503_not_a_hang(
     assert "Traceback" not in server.stderr()
 
 
-class _CuttingProxy:
+class _CuttingProxy(LoopServer):
     """A TCP proxy in front of PostgreSQL that, once armed, forwards the next ``COMMIT`` it
     sees and then cuts that connection: the database commits, the replica never hears so."""
 
     def __init__(self, port: int) -> None:
+        super().__init__()
         self.target = port
         self.port = 0
         self.armed = threading.Event()
         self.cut = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: bool
@@ -493,29 +491,16 @@ class _CuttingProxy:
         await asyncio.gather(down, up, return_exceptions=True)
 
     async def _run(self) -> None:
-        self._stop = asyncio.Event()
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         async with server:
             self.port = server.sockets[0].getsockname()[1]
             self._started.set()
-            await self._stop.wait()
+            await self._stopped()
             # The connections still open (the replica is gone by now) end with the proxy.
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
-
-    def __enter__(self) -> _CuttingProxy:
-        self._thread.start()
-        assert self._started.wait(WAIT)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        stop = self._stop
-        assert stop is not None
-        self._loop.call_soon_threadsafe(stop.set)
-        self._thread.join(WAIT)
-        self._loop.close()
 
 
 def test_a_commit_whose_answer_is_lost_still_reaches_the_replicas_clients(
