@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 import psycopg
@@ -64,16 +64,7 @@ FaultKind = Literal[
 PROXY_FAULTS = frozenset({"kill_proxy", "backend_503", "switch_proxy"})
 #: The share of faults that come with a second one at the same time.
 OVERLAP = 0.3
-FAULTS: tuple[FaultKind, ...] = (
-    "kill_agent",
-    "kill_replica",
-    "kill_proxy",
-    "pg_restart",
-    "net_cut",
-    "disk_full",
-    "backend_503",
-    "switch_proxy",
-)
+FAULTS: tuple[FaultKind, ...] = get_args(FaultKind)
 #: How long each fault is held, seconds (drawn uniformly).
 HOLD: dict[FaultKind, tuple[float, float]] = {
     "kill_agent": (0.2, 3.0),
