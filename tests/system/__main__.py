@@ -11,8 +11,9 @@ import argparse
 import random
 import sys
 
+from tests.system.chaos import FAULTS
 from tests.system.netns import available
-from tests.system.suite import FAULTS, Options, run
+from tests.system.suite import Options, run
 
 
 def main(argv: list[str] | None = None) -> int:

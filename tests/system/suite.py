@@ -10,9 +10,10 @@ Layout (see :mod:`tests.system.netns`)::
 Faults are drawn one after another from the seed: ``kill -9`` of an agent, a replica or the
 proxy; a PostgreSQL restart; a host's link cut; a full disk under an agent's storage; a period
 of 503s from the proxy; the proxy switching replicas. Each is held for a drawn time, healed,
-and the time until everything queued before the heal has reached the backend is measured
-(the convergence time). Then the workload finishes, and :mod:`tests.system.oracle` checks the
-end state.
+and the time until everything written before the heal is in the backend is measured (the
+convergence time, :mod:`tests.system.measure`). Then the workload finishes, and
+:mod:`tests.system.oracle` checks the end state. The faults themselves are in
+:mod:`tests.system.chaos`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -29,13 +29,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
-
-import orjson
-import psycopg
 
 from tests.adw_backend.conftest import PgCluster, throwaway_cluster
 from tests.system import oracle
+from tests.system.chaos import FAULTS, Chaos, FaultKind, Plan
 from tests.system.cluster import (
     READ_TOKEN,
     TOKEN,
@@ -47,36 +44,10 @@ from tests.system.cluster import (
     viewer,
     wait_for,
 )
+from tests.system.measure import Observer
 from tests.system.netns import Network
-from tests.system.workload import HostWorkload, Truth
+from tests.system.workload import HostWorkload
 
-FaultKind = Literal[
-    "kill_agent",
-    "kill_replica",
-    "kill_proxy",
-    "pg_restart",
-    "net_cut",
-    "disk_full",
-    "backend_503",
-    "switch_proxy",
-]
-#: Faults that both drive the proxy, never drawn together.
-PROXY_FAULTS = frozenset({"kill_proxy", "backend_503", "switch_proxy"})
-#: The share of faults that come with a second one at the same time.
-OVERLAP = 0.3
-FAULTS: tuple[FaultKind, ...] = get_args(FaultKind)
-#: How long each fault is held, seconds (drawn uniformly).
-HOLD: dict[FaultKind, tuple[float, float]] = {
-    "kill_agent": (0.2, 3.0),
-    "kill_replica": (0.5, 4.0),
-    "kill_proxy": (0.2, 3.0),
-    "pg_restart": (0.5, 4.0),
-    "net_cut": (1.0, 8.0),
-    "disk_full": (1.0, 8.0),
-    "backend_503": (1.0, 6.0),
-    "switch_proxy": (0.0, 0.0),
-}
-CONVERGE_TIMEOUT = 180.0
 #: How long the viewer may show an ended run otherwise than the database.
 SCREEN_LAG = 15.0
 
@@ -89,16 +60,6 @@ class Options:
     runs_per_host: int = 2
     disk_mb: int = 64
     faults: tuple[FaultKind, ...] = FAULTS
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One fault as drawn: what it hits (a host's or replica's index) and for how long."""
-
-    kind: FaultKind
-    target: str
-    index: int
-    hold: float
 
 
 @dataclass
@@ -189,8 +150,7 @@ class System:
         self._expected_down: set[str] = set()
         self._stop = threading.Event()
         # Holds and pauses only: never set, so waiting on it is a plain, interruptible sleep.
-        self._ticker = threading.Event()
-        self._dumps = 0
+        self.ticker = threading.Event()
         self._monitor = threading.Thread(target=self._watch_parts, daemon=True)
 
     # -- start ----------------------------------------------------------------------------------
@@ -278,209 +238,29 @@ class System:
                         )
                         self._expected_down.add(part.name)
 
-    # -- faults ---------------------------------------------------------------------------------
-
-    def proxy_control(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(self.control))
-            sock.sendall(line.encode() + b"\n")
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-        return answer.decode().strip()
+    def expect_down(self, part: Part) -> None:
+        """``part`` is being stopped on purpose: its exit is no crash."""
+        self._expected_down.add(part.name)
 
     @contextlib.contextmanager
     def down(self, part: Part) -> Iterator[None]:
-        self._expected_down.add(part.name)
+        self.expect_down(part)
         try:
             yield
         finally:
             self._expected_down.discard(part.name)
 
-    def draw(self, kind: FaultKind) -> Plan:
-        """What a fault of ``kind`` hits and for how long, drawn from the seed."""
-        hold = self.rng.uniform(*HOLD[kind])
-        if kind in ("kill_agent", "net_cut", "disk_full"):
-            index = self.rng.randrange(len(self.hosts))
-            host = self.hosts[index]
-            return Plan(kind, host.agent.name if kind == "kill_agent" else f"h{host.number}",
-                        index, hold)  # fmt: skip
-        if kind == "kill_replica":
-            index = self.rng.randrange(len(self.replicas))
-            return Plan(kind, self.replicas[index].name, index, hold)
-        return Plan(kind, "postgresql" if kind == "pg_restart" else "proxy", 0, hold)
-
-    def apply(self, plan: Plan) -> None:
-        """Inflict the fault, hold it, heal it."""
-        kind, hold = plan.kind, plan.hold
-        if kind in ("kill_agent", "kill_replica", "kill_proxy"):
-            host = self.hosts[plan.index]
-            part = (
-                host.agent if kind == "kill_agent"
-                else self.replicas[plan.index] if kind == "kill_replica"
-                else self.proxy
-            )  # fmt: skip
-            assert part is not None
-            with self.down(part):
-                part.kill9()
-                self._ticker.wait(hold)
-                if kind == "kill_agent":
-                    self.start_agent(host)
-                else:
-                    part.start()
-        elif kind == "pg_restart":
-            self.cluster.stop()
-            self._ticker.wait(hold)
-            self.cluster.start_server()
-        elif kind == "net_cut":
-            link = self.hosts[plan.index].link
-            self.network.cut(link)
-            self._ticker.wait(hold)
-            self.network.restore(link)
-        elif kind == "disk_full":
-            host = self.hosts[plan.index]
-            host.fill_disk()
-            self._ticker.wait(hold)
-            host.free_disk()
-        elif kind == "backend_503":
-            self._answer(self.proxy_control("503 on"))
-            self._ticker.wait(hold)
-            self._answer(self.proxy_control("503 off"))
-        else:
-            status = orjson.loads(self.proxy_control("status"))
-            self._answer(self.proxy_control(f"use {1 - int(status['upstream'])}"))
-
-    def inject(self, plans: list[Plan]) -> None:
-        """Apply faults at the same time, each in its own thread; any failure to inflict or
-        heal one is a problem of the suite's own, reported as such."""
-
-        def one(plan: Plan) -> None:
-            try:
-                self.apply(plan)
-            except Exception as exc:  # reported, not lost in a thread
-                self.problems.append(f"cannot inflict or heal {plan.kind} on {plan.target}: {exc}")
-
-        threads = [threading.Thread(target=one, args=(plan,)) for plan in plans]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def _answer(self, answer: str) -> None:
-        if answer != "ok":
-            raise AssertionError(f"the proxy answered {answer!r}")
-
-    def written(self) -> dict[tuple[int, str, str], int]:
-        """(host, adw_id, agent) → the size of every transcript written so far."""
-        sizes = {}
-        for host in self.hosts:
-            for path in host.root.glob("*/*/raw_output.jsonl"):
-                with contextlib.suppress(FileNotFoundError):
-                    sizes[(host.number, path.parent.parent.name, path.parent.name)] = (
-                        path.stat().st_size
-                    )
-        return sizes
-
-    def read_up_to(self, sizes: dict[tuple[int, str, str], int]) -> bool:
-        """Whether every agent has durably read its transcripts up to ``sizes`` (a file
-        truncated since by a retry counts as read: the retry waited for that)."""
-        for (number, adw_id, agent), size in sizes.items():
-            host = self.hosts[number - 1]
-            path = host.root / adw_id / agent / "raw_output.jsonl"
-            if oracle.consumed_offset(host.storage, adw_id, agent) >= size:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_size < size:
-                    continue
-            return False
-        return True
-
-    def converge(self) -> float:
-        """Seconds until everything written before now is in the backend: every transcript
-        read that far, then every event queued until then acknowledged."""
-        started = time.monotonic()
-        sizes = self.written()
-        wait_for(lambda: self.read_up_to(sizes), "the agents to read", CONVERGE_TIMEOUT)
-        read = time.time()
-        wait_for(
-            lambda: all(oracle.queued_since(h.storage, read) == 0 for h in self.hosts),
-            "the backend to acknowledge",
-            CONVERGE_TIMEOUT,
-        )
-        return time.monotonic() - started
-
-    # -- end ------------------------------------------------------------------------------------
-
-    def truths(self) -> list[Truth]:
-        return [t for w in self.workloads for t in w.truths]
-
-    def shown(self) -> dict[str, dict[str, Any]]:
-        with self.connect() as conn:
-            return oracle.projections(conn)
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            host=str(self.cluster.root),
-            port=self.cluster.port,
-            user="postgres",
-            dbname=self.database,
-            autocommit=True,
-        )
-
-    def matches_truth(self) -> bool:
-        shown = self.shown()
-        return all(not oracle.truth_mismatches(t, shown.get(t.adw_id)) for t in self.truths())
-
-    def drained(self) -> bool:
-        return all(oracle.depth(h.storage)[0] == 0 for h in self.hosts)
-
-    def dump_view(self) -> dict[str, Any]:
-        """The viewer's picture now (it writes it on SIGUSR1)."""
-        assert self.viewer is not None
-        assert self.viewer.proc is not None
-        previous = self._dumps
-        self.viewer.proc.send_signal(10)
-
-        def written() -> bool:
-            try:
-                return int(orjson.loads(self.view.read_bytes())["dump"]) > previous
-            except (OSError, orjson.JSONDecodeError, KeyError):
-                return False
-
-        wait_for(written, "the viewer to write its picture", 30)
-        found: dict[str, Any] = orjson.loads(self.view.read_bytes())
-        self._dumps = int(found["dump"])
-        return found
-
-    def stale_on_screen(self) -> list[str]:
-        """Runs that have ended, are shown as written in the database, and that the viewer
-        shows otherwise. Checked after every fault, so that a reconnection (which brings a
-        fresh snapshot) cannot hide a live update the viewer missed before it."""
-        found = self.dump_view()["workflows"]
-        shown = self.shown()
-        return [
-            truth.adw_id
-            for truth in self.truths()
-            if truth.ended
-            and not oracle.truth_mismatches(truth, shown.get(truth.adw_id))
-            and found.get(truth.adw_id) != shown.get(truth.adw_id)
-        ]
-
     def stop(self) -> None:
         self._stop.set()
         for host in self.hosts:
-            self._expected_down.add(host.agent.name)
+            self.expect_down(host.agent)
             host.free_disk()
             with contextlib.suppress(Exception):
                 self.network.restore(host.link)
             host.agent.stop()
         for part in [self.viewer, self.proxy, *self.replicas]:
             if part is not None:
-                self._expected_down.add(part.name)
+                self.expect_down(part)
                 part.stop()
         for host in self.hosts:
             host.teardown()
@@ -499,10 +279,11 @@ def run(
         with throwaway_cluster() as cluster:
             name = cluster.create_database().rsplit("/", 1)[1]
             system = System(options, root, cluster, name)
+            observer = Observer(system)
             try:
                 system.start()
-                _play(system, options, report, say)
-                _finish(system, report, say)
+                _play(system, Chaos(system, system.rng), observer, report, say)
+                _finish(system, observer, report, say)
             finally:
                 system.stop()
                 report.problems[:0] = system.problems
@@ -522,57 +303,60 @@ def run(
     return report
 
 
-def _play(system: System, options: Options, report: Report, say: Callable[[str], None]) -> None:
-    rng = system.rng
-    deadline = time.monotonic() + options.minutes * 60
+def _play(
+    system: System,
+    chaos: Chaos,
+    observer: Observer,
+    report: Report,
+    say: Callable[[str], None],
+) -> None:
+    deadline = time.monotonic() + system.options.minutes * 60
     while time.monotonic() < deadline and not system.problems:
-        system._ticker.wait(rng.uniform(0.5, 3.0))
-        kinds = [rng.choice(options.faults)]
-        if rng.random() < OVERLAP:
-            second = rng.choice(options.faults)
-            if second != kinds[0] and not {kinds[0], second} <= PROXY_FAULTS:
-                kinds.append(second)
-        plans = [system.draw(kind) for kind in kinds]
-        system.inject(plans)
+        system.ticker.wait(system.rng.uniform(0.5, 3.0))
+        plans = chaos.draw_some(system.options.faults)
+        kinds = [plan.kind for plan in plans]
+        chaos.inject(plans)
         try:
-            took: float | None = system.converge()
+            took: float | None = observer.converge()
         except AssertionError as exc:
             took = None
             system.problems.append(f"{' + '.join(kinds)}: {exc}")
         report.faults.append(Fault(plans, took))
         report.last_heal = time.monotonic() - (took or 0.0)
-        _check_screen(system, " + ".join(kinds))
+        _check_screen(system, observer, " + ".join(kinds))
         what = " + ".join(f"{p.kind} {p.target} {p.hold:.1f} s" for p in plans)
         say(f"  {len(report.faults):3d} {what:<56} converged in "
             f"{'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
 
 
-def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
+def _finish(system: System, observer: Observer, report: Report, say: Callable[[str], None]) -> None:
     for workload in system.workloads:
         workload.no_new.set()
         workload.hurry.set()
     for workload in system.workloads:
         if not workload.join(600):
             report.problems.append(f"host {workload.host}'s runs never finished")
-    truths = system.truths()
+    truths = observer.truths()
     report.runs = len(truths)
     report.failed_runs = sum(1 for t in truths if t.outcome == "failed")
     report.problems += [f"{t.adw_id}: writer failed: {t.error}" for t in truths if t.error]
     try:
-        wait_for(lambda: system.drained() and system.matches_truth(), "the truth", 300, tick=0.2)
+        wait_for(
+            lambda: observer.drained() and observer.matches_truth(), "the truth", 300, tick=0.2
+        )
         report.last_convergence = time.monotonic() - (report.last_heal or time.monotonic())
     except AssertionError:
-        shown = system.shown()
+        shown = observer.shown()
         for truth in truths:
             wrong = oracle.truth_mismatches(truth, shown.get(truth.adw_id))
             if wrong:
                 report.problems.append(f"h{truth.host} {truth.adw_id}: {'; '.join(wrong)}")
     for host in system.hosts:
-        system._expected_down.add(host.agent.name)
+        system.expect_down(host.agent)
         code = host.agent.stop()
         if code != 0:
             report.problems.append(f"{host.agent.name} stopped with {code}: {host.agent.tail(600)}")
-    with system.connect() as conn:
+    with observer.connect() as conn:
         applied = oracle.applied_seqs(conn)
     found = {}
     for host in system.hosts:
@@ -589,20 +373,20 @@ def _finish(system: System, report: Report, say: Callable[[str], None]) -> None:
         _, dead = oracle.depth(host.storage)
         if dead:
             report.problems.append(f"{host.agent.name} holds {dead} dead letters")
-    _check_view(system, report)
+    _check_view(system, observer, report)
     for part in system.parts():
         if "Traceback" in part.tail(1 << 20):
             report.problems.append(f"{part.name} printed a traceback: {part.tail(1500)}")
     say("finished; checking")
 
 
-def _check_screen(system: System, after: str) -> None:
+def _check_screen(system: System, observer: Observer, after: str) -> None:
     """Every ended run on the screen as in the database, within :data:`SCREEN_LAG` seconds."""
     deadline = time.monotonic() + SCREEN_LAG
-    stale = system.stale_on_screen()
+    stale = observer.stale_on_screen()
     while stale and time.monotonic() < deadline:
-        system._ticker.wait(0.2)
-        stale = system.stale_on_screen()
+        system.ticker.wait(0.2)
+        stale = observer.stale_on_screen()
     if stale:
         system.problems.append(
             f"after {after}: the viewer still shows {len(stale)} ended run(s) unlike the "
@@ -610,13 +394,13 @@ def _check_screen(system: System, after: str) -> None:
         )
 
 
-def _check_view(system: System, report: Report) -> None:
+def _check_view(system: System, observer: Observer, report: Report) -> None:
     wrong: list[str] = ["never compared"]
     deadline = time.monotonic() + 60
     while wrong and time.monotonic() < deadline:
-        found = system.dump_view()
+        found = observer.dump_view()
         report.viewer_connections = int(found["connections"])
-        wrong = oracle.view_mismatches(found["workflows"], system.shown())
+        wrong = oracle.view_mismatches(found["workflows"], observer.shown())
         if wrong:
-            system._ticker.wait(0.5)
+            system.ticker.wait(0.5)
     report.problems += [f"viewer: {w}" for w in wrong[:10]]
