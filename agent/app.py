@@ -242,7 +242,7 @@ class Agent:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             try:
-                left = self.store.depth()
+                left = self.store.queue.depth()
             except StorageError as exc:
                 log.error("cannot tell what is left undelivered: %s", exc)
                 left = 0

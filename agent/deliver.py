@@ -42,7 +42,8 @@ from agent.config import Config
 from agent.errors import DeliveryError, PermanentDelivery, RetryableDelivery, StorageError
 from agent.events import check_data, envelope
 from agent.logs import add_secret, redact, redact_excerpt
-from agent.outbox import STORAGE_RETRY, Queued, Store
+from agent.outbox import STORAGE_RETRY, Store
+from agent.outbox_queue import Queued
 
 log = logging.getLogger("adw_agent.deliver")
 
@@ -326,7 +327,7 @@ class Sender:
             batch: list[Queued] = []
             try:
                 limit = self._config.delivery.batch_max if self._batching else 1
-                batch = self._store.head_batch(limit, BATCH_BYTES)
+                batch = self._store.queue.head_batch(limit, BATCH_BYTES)
                 if not batch:
                     self._due = None
                     self._wake.clear()
@@ -367,7 +368,7 @@ class Sender:
 
     def idle(self) -> bool:
         """Nothing left to send."""
-        return self._store.depth() == 0
+        return self._store.queue.depth() == 0
 
     async def _pause(self, seconds: float) -> None:
         self._due = time.monotonic() + seconds + _GRACE
@@ -421,10 +422,10 @@ class Sender:
                 extra=_fields(event, status=exc.status, response=exc.body[:200]),
             )
             self.last_error = str(exc)
-            self._store.dead_letter(event, exc.status, exc.body)
+            self._store.queue.dead_letter(event, exc.status, exc.body)
             self._delivered()
             return
-        self._store.ack_many([event.seq for event in batch], duplicates)
+        self._store.queue.ack_many([event.seq for event in batch], duplicates)
         self._auth_warned = False
         self.last_error = None
         self._delivered()
@@ -561,7 +562,7 @@ class Sender:
         elif state.attempt_number == 1 or state.attempt_number % 10 == 0:
             log.warning("delivery failed, will retry: %s", message, extra=fields)
         try:
-            self._store.record_failure(event.seq, message)
+            self._store.queue.record_failure(event.seq, message)
         except StorageError as err:
             log.error("cannot record the failed attempt: %s", err)
 

@@ -33,7 +33,7 @@ class Heartbeat:
 
     def data(self, state: AgentState, stats: dict[str, Any] | None = None) -> dict[str, Any]:
         agent = self._agent
-        stats = agent.store.stats() if stats is None else stats
+        stats = agent.store.queue.stats() if stats is None else stats
         return {
             "state": state,
             "version": __version__,
@@ -49,7 +49,7 @@ class Heartbeat:
         """Queue an agent_status; True if it was written. When the store cannot be written
         and ``direct``, it goes to the backend directly instead."""
         agent = self._agent
-        stats = agent.store.stats()
+        stats = agent.store.queue.stats()
         data = self.data(state, stats)
         try:
             with agent.store.transaction(agent.config.adw_id) as tx:
@@ -101,7 +101,7 @@ class Heartbeat:
         """One ``STATUS=`` line for ``systemctl status``: what the agent does, and its backlog."""
         agent = self._agent
         try:
-            stats = stats or agent.store.stats()
+            stats = stats or agent.store.queue.stats()
             backlog = f"outbox depth {stats['outbox_depth']}, dead letters {stats['dead_letters']}"
         except Exception:
             backlog = "outbox depth unknown (store unreadable)"

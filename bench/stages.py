@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import app, config, deliver, logs, outbox, pipeline
+from agent import app, config, deliver, logs, outbox_queue, pipeline
 from bench.common import base_state, events, populate_run_dir, write_state
 from bench.receiver import ReceiverProcess
 from tests.harness import ROOT, write_config
@@ -78,7 +78,7 @@ def run(writes: int) -> dict[str, tuple[float, float]]:
     marks.wrap(app.Agent, "_note", "note")
     marks.wrap(pipeline.Pipeline, "process", "process")
     marks.wrap(deliver.Sender, "_post", "post")
-    marks.wrap(outbox.Store, "ack", "ack")
+    marks.wrap(outbox_queue.Queue, "ack", "ack")
     written: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

@@ -36,7 +36,8 @@ from agent.deliver import (
     retry_after_seconds,
 )
 from agent.errors import PermanentDelivery, RetryableDelivery
-from agent.outbox import Store, StoreView, dead_letter_rows
+from agent.outbox import Store, StoreView
+from agent.outbox_queue import dead_letter_rows
 
 TOKEN = "t0ken-for-the-test"
 ADW = "abc123"
@@ -285,7 +286,7 @@ async def run_sender(
 
 def empty(store: Store) -> Callable[[], bool]:
     """Whether the outbox is empty, asked without touching what the sender may coalesce."""
-    return lambda: store.depth() == 0
+    return lambda: store.queue.depth() == 0
 
 
 def test_posts_each_event_with_its_headers_in_seq_order(config: Config, store: Store) -> None:
@@ -391,7 +392,7 @@ def test_failed_attempts_are_recorded_for_status(config: Config, store: Store) -
     emit(store, "a")
     rec = Recorder(lambda n, e: httpx.Response(500))
     sender = run(config, store, rec, lambda: len(rec.requests) >= 3)
-    head = store.head()
+    head = store.queue.head()
     assert head is not None
     assert head.attempts >= 2
     assert sender.last_error == "backend answered 500"
@@ -462,7 +463,7 @@ def test_an_unreadable_outbox_does_not_end_the_sender(
         if not healed and errors():
             store.db.execute("ALTER TABLE outbox_away RENAME TO outbox")
             healed = True
-        return healed and store.depth() == 0
+        return healed and store.queue.depth() == 0
 
     with caplog.at_level(logging.ERROR, "adw_agent"):
         run(config, store, rec, heal)
@@ -551,10 +552,10 @@ def test_no_batch_route_falls_back_to_one_event_per_request_and_remembers(
         sender = Sender(batch_config, store, client)
         task = asyncio.create_task(sender.run())
         sender.wake()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         emit(store, "c")  # queued later: still one per request, the route is not asked again
         sender.wake()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
@@ -711,7 +712,7 @@ def test_a_stalled_sender_is_reported_and_recovers(config: Config, store: Store)
         assert sender.check_progress(later)  # still stalled; reported once
         assert store.meta("sender")["problem"] == "the sender has stopped making progress"
         release.set()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         assert not sender.check_progress()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -741,7 +742,7 @@ def test_a_reload_to_another_backend_ends_a_retry_after_wait(
         await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
         second = build_client(moved, transport=httpx.MockTransport(new))
         await sender.replace_client(moved, second).aclose()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await second.aclose()
