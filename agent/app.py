@@ -36,7 +36,8 @@ import httpx
 from agent import __version__, claims
 from agent import config as config_module
 from agent.config import Config
-from agent.deliver import Sender, build_client
+from agent.deliver import Sender
+from agent.deliver_http import build_client
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.health import StoreHealth
 from agent.notify import Notifier

@@ -24,10 +24,9 @@ import pytest
 from tenacity import Future, RetryCallState
 
 from agent.config import Config, load
-from agent.deliver import (
+from agent.deliver import Sender, _Backoff
+from agent.deliver_http import (
     MAX_RETRY_AFTER,
-    Sender,
-    _Backoff,
     build_client,
     classify,
     clean_location,
