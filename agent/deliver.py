@@ -8,7 +8,8 @@ batch splits it, and a permanent rejection of one event moves it to the dead let
 2xx removes events from the outbox, so a crash at any point means they are sent again, with the
 same ``event_id``.
 
-The HTTP side, one exchange and what its answer means, is :mod:`agent.deliver_http`.
+The HTTP side, one exchange and what its answer means, is :mod:`agent.deliver_http`; what
+keeps delivery from progressing is reported by :mod:`agent.deliver_problems`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import time
 from typing import Any
 
@@ -33,7 +33,8 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from agent.config import Config
-from agent.deliver_http import Exchange, NoBatchRoute, Redirected, event_fields
+from agent.deliver_http import Exchange, NoBatchRoute, event_fields
+from agent.deliver_problems import Problems
 from agent.errors import DeliveryError, PermanentDelivery, RetryableDelivery, StorageError
 from agent.events import check_data, envelope
 from agent.outbox import STORAGE_RETRY, Store
@@ -45,9 +46,6 @@ log = logging.getLogger("adw_agent.deliver")
 #: The most bytes of events in one batch (an event larger than this goes alone): memory and
 #: the backend's request size stay bounded whatever the events hold.
 BATCH_BYTES = 1024 * 1024
-# Slack on top of an exchange or wait before the sender counts as stalled: the store writes
-# around an exchange, a busy event loop.
-_GRACE = 5.0
 
 
 class _Backoff(wait_base):
@@ -81,28 +79,23 @@ class Sender:
 
     def __init__(self, config: Config, store: Store, client: httpx.AsyncClient) -> None:
         self._config = config
-        self._store = store
         self._queue = store.queue
         self._exchange = Exchange(config, client)
         self._wake = asyncio.Event()
         # Set by a reload that changed the backend: the current wait ends at once.
         self._backend_changed = asyncio.Event()
-        self._auth_warned = False
         self._storage_warned = False
-        self._redirect_logged: str | None = None
         self._batching = config.delivery.batch_max > 1
-        # By when (monotonic) the current exchange or wait must be over; None while idle.
-        self._due: float | None = None
-        self.last_error: str | None = None
-        #: Why delivery cannot make progress on its own (a redirect, a stalled sender), or
-        #: None. Also kept in the store's meta ``sender`` for ``status`` and ``healthcheck``.
-        self.problem: str | None = None
-        with contextlib.suppress(sqlite3.Error):
-            # A problem recorded before a restart stays reported until delivery succeeds.
-            saved = store.meta("sender")
-            if isinstance(saved, dict) and isinstance(saved.get("problem"), str):
-                self.problem = saved["problem"]
-        self.stalled = False
+        self.problems = Problems(store)
+
+    @property
+    def last_error(self) -> str | None:
+        return self.problems.last_error
+
+    @property
+    def problem(self) -> str | None:
+        """Why delivery cannot make progress on its own, or None (see :class:`Problems`)."""
+        return self.problems.problem
 
     def wake(self) -> None:
         """New events were queued."""
@@ -123,23 +116,8 @@ class Sender:
         return old
 
     def check_progress(self, now: float | None = None) -> bool:
-        """Whether the sender is stalled: busy past the longest an exchange plus the wait
-        after it may take. Logged and recorded once when it starts; called by the main loop,
-        which then withholds the watchdog ping."""
-        now = time.monotonic() if now is None else now
-        stalled = self._due is not None and now > self._due
-        if stalled and not self.stalled:
-            overdue = now - (self._due or now)
-            log.error(
-                "the sender has made no progress for longer than an exchange and its retry "
-                "wait may take (%.0fs overdue)",
-                overdue,
-            )
-            self._set_problem("the sender has stopped making progress")
-        elif not stalled and self.stalled:
-            self._set_problem(None)
-        self.stalled = stalled
-        return stalled
+        """Whether the sender is stalled (see :meth:`Problems.check_progress`)."""
+        return self.problems.check_progress(now)
 
     async def run(self) -> None:
         """Deliver until cancelled. This is the sender's loop boundary: no error ends it. A
@@ -151,7 +129,7 @@ class Sender:
                 limit = self._config.delivery.batch_max if self._batching else 1
                 batch = self._queue.head_batch(limit, BATCH_BYTES)
                 if not batch:
-                    self._due = None
+                    self.problems.idle()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -196,12 +174,12 @@ class Sender:
         return self._queue.depth() == 0
 
     async def _pause(self, seconds: float) -> None:
-        self._due = time.monotonic() + seconds + _GRACE
+        self.problems.busy(seconds)
         await asyncio.sleep(seconds)
 
     async def _sleep(self, seconds: float) -> None:
         """The wait before a retry; a reload that changes the backend ends it."""
-        self._due = time.monotonic() + seconds + _GRACE
+        self.problems.busy(seconds)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._backend_changed.wait(), seconds)
             log.info("the backend configuration changed; retrying now")
@@ -221,7 +199,7 @@ class Sender:
                 with attempt:
                     # A reload from here on ends the wait that may follow this attempt.
                     self._backend_changed.clear()
-                    self._due = time.monotonic() + self._config.backend.timeout + _GRACE
+                    self.problems.busy(self._config.backend.timeout)
                     if self._batching:
                         duplicates = await self._exchange.post_batch(batch)
                     else:
@@ -246,61 +224,18 @@ class Sender:
                 exc,
                 extra=event_fields(event, status=exc.status, response=exc.body[:200]),
             )
-            self.last_error = str(exc)
+            self.problems.last_error = str(exc)
             self._queue.dead_letter(event, exc.status, exc.body)
-            self._delivered()
+            self.problems.verdict()
             return
         self._queue.ack_many([event.seq for event in batch], duplicates)
-        self._auth_warned = False
-        self.last_error = None
-        self._delivered()
-
-    def _delivered(self) -> None:
-        """The backend gave a verdict: whatever kept delivery from progressing is over."""
-        self._redirect_logged = None
-        if self.problem is not None and not self.stalled:
-            self._set_problem(None)
-
-    def _set_problem(self, problem: str | None) -> None:
-        self.problem = problem
-        try:
-            self._store.set_meta("sender", {"problem": problem, "since": time.time()})
-        except StorageError as exc:
-            log.error("cannot record the sender's state: %s", exc)
+        self.problems.acknowledged()
 
     def _failed(self, batch: list[Queued], state: RetryCallState) -> None:
-        event = batch[0]
         exc = state.outcome.exception() if state.outcome is not None else None
-        message = str(exc)
-        self.last_error = message
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        fields = event_fields(event, attempt=state.attempt_number, retry_in=round(wait, 3))
-        if len(batch) > 1:
-            fields["events"] = len(batch)
-        if isinstance(exc, Redirected):
-            if self._redirect_logged != exc.location:
-                self._redirect_logged = exc.location
-                log.error(
-                    "backend answered %s redirecting to %s; redirects are not followed: "
-                    "check backend.url. Events are kept and retried",
-                    exc.status,
-                    exc.location,
-                    extra=fields,
-                )
-                self._set_problem(f"backend redirects to {exc.location} ({exc.status})")
-        elif isinstance(exc, RetryableDelivery) and exc.status in (401, 403):
-            if not self._auth_warned:
-                self._auth_warned = True
-                log.error(
-                    "backend refused the credentials (%s); check the token "
-                    "(backend.token_file, ADW_AGENT_TOKEN or the adw-token credential). "
-                    "Events are kept and retried",
-                    exc.status,
-                    extra=fields,
-                )
-        elif state.attempt_number == 1 or state.attempt_number % 10 == 0:
-            log.warning("delivery failed, will retry: %s", message, extra=fields)
+        message = self.problems.failed(batch, exc, state.attempt_number, wait)
         try:
-            self._queue.record_failure(event.seq, message)
+            self._queue.record_failure(batch[0].seq, message)
         except StorageError as err:
             log.error("cannot record the failed attempt: %s", err)
