@@ -9,9 +9,12 @@ last status, drain the outbox, close; everything up to the end of the drain happ
 ``delivery.drain_timeout`` of the stop request being seen, except that the last batch of pending
 changes is never cut short (see :meth:`Agent.shutdown`).
 
-The supervisor (:class:`Agent`) owns what the process shares: the store and its health, the HTTP
-client and the sender, signals, reload and the systemd notifications. What belongs to the run
-directory (its watcher, batches, pipeline and retries) is a :class:`~agent.run.RunUnit`.
+The supervisor (:class:`Agent`) decides when things happen: startup, the main loop, shutdown,
+signals and the systemd notifications. What the process shares (the lock, the store, the runs,
+the HTTP clients and the sender) is made and released by :class:`~agent.app_parts.Parts`; a
+reload is carried out by :class:`~agent.app_reload.Reload`; the status and heartbeat are
+:mod:`agent.status`. What belongs to the run directory (its watcher, batches, pipeline and
+retries) is a :class:`~agent.run.RunUnit`.
 
 The agent holds an exclusive lock on ``storage.dir`` for its lifetime (see
 :func:`agent.outbox.lock_storage`). Exit codes: 0 after a clean stop, 78 for a configuration
@@ -104,7 +107,7 @@ class _Periodic:
 
 
 class Agent:
-    """The process: lifecycle, signals, reload, the shared store and sender, and its run."""
+    """The supervisor: startup, the main loop and shutdown, signals, and what the runs tell it."""
 
     def __init__(
         self,
