@@ -9,9 +9,12 @@ last status, drain the outbox, close; everything up to the end of the drain happ
 ``delivery.drain_timeout`` of the stop request being seen, except that the last batch of pending
 changes is never cut short (see :meth:`Agent.shutdown`).
 
-The supervisor (:class:`Agent`) owns what the process shares: the store and its health, the HTTP
-client and the sender, signals, reload and the systemd notifications. What belongs to the run
-directory (its watcher, batches, pipeline and retries) is a :class:`~agent.run.RunUnit`.
+The supervisor (:class:`Agent`) decides when things happen: startup, the main loop, shutdown,
+signals and the systemd notifications. What the process shares (the lock, the store, the runs,
+the HTTP clients and the sender) is made and released by :class:`~agent.app_parts.Parts`; a
+reload is carried out by :class:`~agent.app_reload.Reload`; the status and heartbeat are
+:mod:`agent.status`. What belongs to the run directory (its watcher, batches, pipeline and
+retries) is a :class:`~agent.run.RunUnit`.
 
 The agent holds an exclusive lock on ``storage.dir`` for its lifetime (see
 :func:`agent.outbox.lock_storage`). Exit codes: 0 after a clean stop, 78 for a configuration
@@ -24,24 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import ssl
 import time
-from dataclasses import dataclass
-from typing import TypeVar
 
-import httpx
-
-from agent import __version__, claims
-from agent import config as config_module
+from agent import __version__
+from agent.app_parts import Parts
+from agent.app_reload import Reload
 from agent.config import Config
-from agent.deliver import Sender, build_client
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.health import StoreHealth
 from agent.notify import Notifier
-from agent.outbox import Store, lock_storage
-from agent.runs import Runs
 from agent.status import AgentState, Heartbeat
 
 log = logging.getLogger("adw_agent.app")
@@ -51,25 +46,68 @@ log = logging.getLogger("adw_agent.app")
 _OUTBOX_POLL = 1.0
 
 
-@dataclass
-class _Timers:
-    heartbeat: float = 0.0
-    resync: float = 0.0
-    watchdog: float = 0.0
-    outbox: float = 0.0
+class _Periodic:
+    """The main loop's periodic work, and when each part is next due (monotonic seconds):
+    the resync, the heartbeat, the look at the outbox and the watchdog ping."""
 
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.heartbeat = 0.0
+        self.resync = 0.0
+        self.watchdog = 0.0
+        self.outbox = 0.0
 
-_T = TypeVar("_T")
+    def start(self, config: Config, now: float) -> None:
+        self.heartbeat = now + config.intervals.heartbeat
+        self.resync = now + config.intervals.resync if config.intervals.resync else float("inf")
+        self.watchdog = now
+        self.outbox = now + _OUTBOX_POLL
 
+    def reschedule(self, old: Config, new: Config) -> None:
+        """Changed intervals count from now, not from the last tick of the old ones."""
+        now = time.monotonic()
+        if new.intervals.heartbeat != old.intervals.heartbeat:
+            self.heartbeat = now + new.intervals.heartbeat
+        if new.intervals.resync != old.intervals.resync:
+            self.resync = now + new.intervals.resync if new.intervals.resync else float("inf")
 
-def _started(part: _T | None) -> _T:
-    if part is None:
-        raise RuntimeError("the agent has not started")
-    return part
+    def next_due(self) -> float:
+        deadlines = [self.heartbeat, self.resync, self.outbox]
+        if self._agent.notifier.watchdog_interval is not None:
+            deadlines.append(self.watchdog)
+        return min(deadlines)
+
+    def run_due(self, now: float) -> None:
+        agent = self._agent
+        config, runs, sender, notifier = (
+            agent.config,
+            agent.parts.runs,
+            agent.parts.sender,
+            agent.notifier,
+        )
+        if now >= self.resync:
+            self.resync = now + config.intervals.resync
+            runs.sync()
+        if now >= self.heartbeat:
+            self.heartbeat = now + config.intervals.heartbeat
+            agent.heartbeat.queue("running")
+        if now >= self.outbox:
+            self.outbox = now + _OUTBOX_POLL
+            sender.wake()
+            sender.check_progress()
+        if notifier.watchdog_interval is not None and now >= self.watchdog:
+            self.watchdog = now + notifier.watchdog_interval
+            watching = runs.watch.healthy()
+            task = agent.sender_task
+            sending = task is not None and not task.done()
+            if watching and sending and not sender.check_progress():
+                notifier.send("WATCHDOG=1", agent.heartbeat.line())
+            else:
+                log.error("watcher or sender is not running; withholding the watchdog ping")
 
 
 class Agent:
-    """The process: lifecycle, signals, reload, the shared store and sender, and its run."""
+    """The supervisor: startup, the main loop and shutdown, signals, and what the runs tell it."""
 
     def __init__(
         self,
@@ -83,46 +121,19 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.should_exit = asyncio.Event()
         self._reload = False
-        self._timers = _Timers()
+        self._periodic = _Periodic(self)
         self.health = StoreHealth()
         self.heartbeat = Heartbeat(self)
-        # Clients replaced by a reload, closed once a request in flight on them has ended.
-        self._retired: list[tuple[httpx.AsyncClient, asyncio.Task[None]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._exit_code = 0
-        # Made by startup, in this order; whatever exists is closed by _close.
-        self._lock: int | None = None
-        self._claim: claims.Claim | None = None
-        self._store: Store | None = None
-        self._runs: Runs | None = None
-        self.client: httpx.AsyncClient | None = None
-        self._sender: Sender | None = None
+        # Made by startup; whatever exists is closed by _close.
+        self.parts = Parts()
+        self._reloader = Reload(self.parts)
         self.sender_task: asyncio.Task[None] | None = None
-
-    @property
-    def store(self) -> Store:
-        """The agent's store (from startup on)."""
-        return _started(self._store)
-
-    @property
-    def runs(self) -> Runs:
-        """The runs the agent reports on (from startup on)."""
-        return _started(self._runs)
-
-    @property
-    def runs_started(self) -> bool:
-        return self._runs is not None
-
-    @property
-    def sender(self) -> Sender:
-        """The agent's sender (from startup on)."""
-        return _started(self._sender)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT. Returns the process exit code."""
-        self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
         # Signals caught before the loop existed (see agent.boot): a stop starts and stops
         # cleanly; a reload re-reads the config, which may have changed since it was loaded.
@@ -148,49 +159,22 @@ class Agent:
 
     async def startup(self) -> None:
         cfg = self.config
-        # Before the store is opened: a second agent must not touch it at all, and no two
-        # agents may report one run directory.
-        self._lock = lock_storage(cfg.storage.dir)
-        lock_root = claims.lock_dir(cfg.storage.lock_dir)
-        if lock_root is None:
-            log.warning(
-                "no writable lock directory: a second agent on the same run directory will not "
-                "be refused, nor a replaced store detected; set storage.lock_dir"
-            )
-        else:
-            key = "adw.root" if cfg.host_mode else "adw.dir"
-            self._claim = claims.claim(lock_root, cfg.watched, key=key)
-        home = None if cfg.host_mode else cfg.adw_id
-        self._store = Store(cfg.storage.dir, home, cfg.storage.synchronous)
-        self._runs = Runs(
-            cfg,
-            self._store,
-            health=self.health,
-            events=self,
-            claims=lock_root,
-            claim=None if cfg.host_mode else self._claim,
-        )
-        self.client = build_client(cfg)
-        self._sender = Sender(cfg, self._store, self.client)
-        self.runs.start_watching(asyncio.get_running_loop())
+        self.parts.open(cfg, self.health, self)
+        self.parts.runs.start_watching(asyncio.get_running_loop())
         self.heartbeat.queue("starting")
         # A full disk must not stop the agent from starting: the snapshot waits for the store.
-        self.runs.sync()
-        self.sender_task = asyncio.create_task(self.sender.run(), name="sender")
+        self.parts.runs.sync()
+        self.sender_task = asyncio.create_task(self.parts.sender.run(), name="sender")
         self.sender_task.add_done_callback(self._sender_ended)
-        self.sender.wake()
-        now = time.monotonic()
-        self._timers.heartbeat = now + cfg.intervals.heartbeat
-        self._timers.resync = now + cfg.intervals.resync if cfg.intervals.resync else float("inf")
-        self._timers.watchdog = now
-        self._timers.outbox = now + _OUTBOX_POLL
+        self.parts.sender.wake()
+        self._periodic.start(cfg, time.monotonic())
         self.notifier.send("READY=1", self.heartbeat.line())
         log.info(
             "agent started",
             extra={
                 "version": __version__,
                 "watching": str(cfg.watched),
-                "watch": self.runs.watch.watcher.active,
+                "watch": self.parts.runs.watch.watcher.active,
                 "backend": cfg.backend.url,
             },
         )
@@ -225,16 +209,16 @@ class Agent:
         deadline = time.monotonic() + drain
         log.info("shutting down", extra={"drain_timeout": drain})
         self.notifier.send("STOPPING=1", "STATUS=stopping")
-        if self._runs is not None:
-            await self._runs.watch.stop(deadline)
+        if self.parts.runs_started:
+            await self.parts.runs.watch.stop(deadline)
             try:
-                self._runs.flush()
+                self.parts.runs.flush()
                 self.heartbeat.queue("stopping")
             except AgentError as exc:
                 log.error("could not record the last changes: %s", exc)
         task = self.sender_task
         if task is not None:
-            self.sender.wake()
+            self.parts.sender.wake()
             while not task.done() and time.monotonic() < deadline and not self._drained():
                 await asyncio.sleep(0.02)
             # The last status could only be sent directly (the store is not writable).
@@ -242,7 +226,7 @@ class Agent:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             try:
-                left = self.store.depth()
+                left = self.parts.store.queue.depth()
             except StorageError as exc:
                 log.error("cannot tell what is left undelivered: %s", exc)
                 left = 0
@@ -253,22 +237,7 @@ class Agent:
     async def _close(self) -> None:
         """Release whatever startup made, also after a startup that failed half way."""
         await self.heartbeat.close()
-        if self.client is not None:
-            await self.client.aclose()
-        for old, closer in self._retired:
-            closer.cancel()
-            await old.aclose()
-        self._retired.clear()
-        if self._runs is not None:
-            self._runs.close()
-        if self._store is not None:
-            self._store.close()
-        if self._lock is not None:
-            os.close(self._lock)  # releases storage.dir for the next agent
-            self._lock = None
-        if self._claim is not None:
-            self._claim.release()
-            self._claim = None
+        await self.parts.close()
         self.notifier.close()
 
     def _sender_ended(self, task: asyncio.Task[None]) -> None:
@@ -288,7 +257,7 @@ class Agent:
 
     def _drained(self) -> bool:
         try:
-            return self.sender.idle()
+            return self.parts.sender.idle()
         except StorageError:
             return False
 
@@ -305,98 +274,37 @@ class Agent:
 
     def _request_reload(self) -> None:
         self._reload = True
-        if self._runs is not None:
-            self._runs.wake()
+        if self.parts.runs_started:
+            self.parts.runs.wake()
 
     async def _apply_reload(self) -> None:
-        """Re-read the config file (SIGHUP). Queued events stay queued; a config that fails
-        validation is logged and the running one kept, entirely."""
+        """Re-read the config file (SIGHUP), see :class:`~agent.app_reload.Reload`."""
         self._reload = False
-        source = self.config.source
-        if source is None:
+        if self.config.source is None:
             return
         self.notifier.reloading()
         try:
-            await self._reconfigure(config_module.load(source))
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            await self._reloader.apply(self.config, self._commit)
         finally:
             # Whatever happened, systemd must not be left thinking the agent is reloading.
             self.notifier.send("READY=1", self.heartbeat.line())
 
-    async def _reconfigure(self, new: Config) -> None:
-        """Everything that can fail is built and checked first, while the running
-        configuration is untouched; only then is it swapped in."""
-        old = self.config
-        fixed = {"adw": old.adw, "storage": old.storage, "cost": old.cost}
-        if any(getattr(new, name) != value for name, value in fixed.items()) or (
-            new.watch.mode != old.watch.mode
-        ):
-            log.warning(
-                "adw.*, storage.*, cost.* and watch.mode changes take effect only on restart"
-            )
-            fixed["watch"] = new.watch.model_copy(update={"mode": old.watch.mode})
-            new = new.model_copy(update=fixed)
-        try:
-            client = build_client(new)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{new.source}: backend.ca_bundle: {exc}") from None
-        try:
-            replacement = self.runs.watch.prepare(old, new)
-        except ConfigError:
-            await client.aclose()
-            raise
-        # Commit: nothing below can fail.
-        self._retire(self.sender.replace_client(new, client), old)
-        self.client = client
+    def _commit(self, new: Config) -> None:
+        """A reload put ``new`` in force."""
+        self._periodic.reschedule(self.config, new)
         self.config = new
-        self.runs.reconfigure(new)
-        self._reschedule(old, new)
-        if replacement is not None:
-            await self.runs.watch.swap(replacement)
-            if replacement.running:
-                self.runs.rescan()  # what changed between the two watchers
-        if new.log.level != old.log.level:
-            logging.getLogger("adw_agent").setLevel(new.log.level.upper())
-        # A new backend or token deserves a fresh attempt; anything queued goes there.
-        self.sender.wake()
-        log.info("configuration reloaded", extra={"backend": new.backend.url})
-
-    def _reschedule(self, old: Config, new: Config) -> None:
-        """Changed intervals count from now, not from the last tick of the old ones."""
-        now = time.monotonic()
-        t = self._timers
-        if new.intervals.heartbeat != old.intervals.heartbeat:
-            t.heartbeat = now + new.intervals.heartbeat
-        if new.intervals.resync != old.intervals.resync:
-            t.resync = now + new.intervals.resync if new.intervals.resync else float("inf")
-
-    def _retire(self, client: httpx.AsyncClient, old: Config) -> None:
-        """Close a replaced client once a request still in flight on it must have ended, so
-        a reload does not cut a delivery off half way (it would only be sent again)."""
-        grace = old.backend.connect_timeout + old.backend.timeout + 1.0
-
-        async def close_later() -> None:
-            await asyncio.sleep(grace)
-            await client.aclose()
-
-        self._retired = [(c, task) for c, task in self._retired if not task.done()]
-        self._retired.append((client, asyncio.create_task(close_later(), name="close-client")))
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _next_deadline(self) -> float:
-        t = self._timers
-        deadlines = [t.heartbeat, t.resync, t.outbox, self.runs.next_deadline()]
+        deadlines = [self._periodic.next_due(), self.parts.runs.next_deadline()]
         if self.health.retry_due is not None:
             deadlines.append(self.health.retry_due)
-        if self.notifier.watchdog_interval is not None:
-            deadlines.append(t.watchdog)
         return min(deadlines)
 
     async def _wait(self, deadline: float) -> None:
         timeout = max(0.0, deadline - time.monotonic())
-        changed = self.runs.changed
+        changed = self.parts.runs.changed
         if changed.is_set():
             return
         waiters = [
@@ -410,38 +318,20 @@ class Agent:
     async def _tick(self) -> None:
         if self._reload:
             await self._apply_reload()
-        runs = self.runs
+        runs = self.parts.runs
         now = time.monotonic()
         if self.health.due(now):
             # Pending changes are the first write that tries it; else a status, below.
             log.debug("trying the store again")
         runs.step(now)
         now = time.monotonic()
-        t = self._timers
         if self.health.due(now):
             # Only a real write proves the store is back: try to queue a status.
             self.heartbeat.queue("running", direct=False)
             runs.step(now)
         if runs.rescan_due(now):
             await runs.reconcile(now)
-        if now >= t.resync:
-            t.resync = now + self.config.intervals.resync
-            runs.sync()
-        if now >= t.heartbeat:
-            t.heartbeat = now + self.config.intervals.heartbeat
-            self.heartbeat.queue("running")
-        if now >= t.outbox:
-            t.outbox = now + _OUTBOX_POLL
-            self.sender.wake()
-            self.sender.check_progress()
-        if self.notifier.watchdog_interval is not None and now >= t.watchdog:
-            t.watchdog = now + self.notifier.watchdog_interval
-            watching = runs.watch.healthy()
-            sending = self.sender_task is not None and not self.sender_task.done()
-            if watching and sending and not self.sender.check_progress():
-                self.notifier.send("WATCHDOG=1", self.heartbeat.line())
-            else:
-                log.error("watcher or sender is not running; withholding the watchdog ping")
+        self._periodic.run_due(now)
 
     # -- what the run tells the process (agent.run.RunEvents) -------------------------------
 
@@ -458,11 +348,11 @@ class Agent:
     def store_ok(self) -> None:
         if self.health.recovered():
             log.warning("the store is writable again")
-            self.runs.sync_pending()
+            self.parts.runs.sync_pending()
             self.heartbeat.queue("running")  # tells the backend it is over
 
     def queued(self) -> None:
-        self.sender.wake()
+        self.parts.sender.wake()
 
 
 async def serve(config: Config, early_signals: list[int] | None = None) -> int:

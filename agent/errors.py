@@ -15,7 +15,7 @@
     └── DeliveryError        one POST of one event or one batch failed
         ├── RetryableDelivery    connection error, timeout, 401/403, 408, 425, 429, 5xx:
         │   │                    retried with backoff for ever, the events stay queued
-        │   └── Redirected       a 3xx (agent.deliver): backend.url is wrong; retried
+        │   └── Redirected       a 3xx (agent.deliver_http): backend.url is wrong; retried
         │                        likewise, and reported until the backend accepts events
         └── PermanentDelivery    any other non-2xx: a batch is split; one event is
                                  dead-lettered with the response and delivery of later

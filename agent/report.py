@@ -254,6 +254,6 @@ def dead_letters(config: Config, requeue: int | None, requeue_all: bool) -> dict
     home = None if config.host_mode else config.adw_id
     store = Store(config.storage.dir, home, config.storage.synchronous)
     try:
-        return {"requeued": store.requeue(None if requeue_all else requeue)}
+        return {"requeued": store.queue.requeue(None if requeue_all else requeue)}
     finally:
         store.close()

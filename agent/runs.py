@@ -276,7 +276,7 @@ class Runs:
     def _finished(self, adw_id: str) -> bool:
         """Ended as recorded in the store, and nothing of it left to deliver; or its directory
         is gone and nothing of it is left to deliver."""
-        if self._dirs is None or self._store.depth(adw_id) > 0:
+        if self._dirs is None or self._store.queue.depth(adw_id) > 0:
             return False
         return not self._dirs.exists(adw_id) or run_ended(self._store, adw_id)
 

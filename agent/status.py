@@ -11,36 +11,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from agent import __version__, liveness
+from agent.app_parts import Parts
+from agent.config import Config
 from agent.errors import StorageError
-
-if TYPE_CHECKING:
-    from agent.app import Agent
+from agent.health import StoreHealth
+from agent.notify import Notifier
 
 log = logging.getLogger("adw_agent.app")
 
 AgentState = Literal["starting", "running", "stopping"]
 
 
+class Reporter(Protocol):
+    """What a status is made of, and whom a failure to queue it is told: the agent."""
+
+    config: Config
+    parts: Parts
+    health: StoreHealth
+    notifier: Notifier
+
+    def store_failed(self, exc: StorageError, state: AgentState = "running") -> None: ...
+
+    def store_ok(self) -> None: ...
+
+
 class Heartbeat:
     """Queues and sends the status of one agent."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Reporter) -> None:
         self._agent = agent
         self._direct: asyncio.Task[bool] | None = None
 
     def data(self, state: AgentState, stats: dict[str, Any] | None = None) -> dict[str, Any]:
         agent = self._agent
-        stats = agent.store.stats() if stats is None else stats
+        stats = agent.parts.store.queue.stats() if stats is None else stats
         return {
             "state": state,
             "version": __version__,
             "adw_id": agent.config.adw_id,
             "outbox_depth": stats.get("outbox_depth", 0),
             "oldest_undelivered_age": stats.get("oldest_undelivered_age"),
-            "last_delivery_error": agent.sender.last_error,
+            "last_delivery_error": agent.parts.sender.last_error,
             "storage_error": agent.health.error,
             "dead_letters": stats.get("dead_letters", 0),
         }
@@ -49,10 +63,10 @@ class Heartbeat:
         """Queue an agent_status; True if it was written. When the store cannot be written
         and ``direct``, it goes to the backend directly instead."""
         agent = self._agent
-        stats = agent.store.stats()
+        stats = agent.parts.store.queue.stats()
         data = self.data(state, stats)
         try:
-            with agent.store.transaction(agent.config.adw_id) as tx:
+            with agent.parts.store.transaction(agent.config.adw_id) as tx:
                 tx.emit("agent_status", data, "event")
                 # What `adw-agent healthcheck` judges liveness by; "stopping" marks a clean
                 # stop. In the same transaction: the two must never disagree.
@@ -66,7 +80,7 @@ class Heartbeat:
             return False
         finally:
             agent.notifier.send(self.line(state, stats))
-        agent.sender.wake()
+        agent.parts.sender.wake()
         if agent.health.error is not None and state != "stopping":
             agent.store_ok()  # a real write: the store is back
         return True
@@ -83,7 +97,7 @@ class Heartbeat:
             data = self.data(state, {})
         agent = self._agent
         self._direct = asyncio.create_task(
-            agent.sender.send_direct("agent_status", data, adw_id=agent.config.adw_id),
+            agent.parts.sender.send_direct("agent_status", data, adw_id=agent.config.adw_id),
             name="direct-status",
         )
 
@@ -101,16 +115,16 @@ class Heartbeat:
         """One ``STATUS=`` line for ``systemctl status``: what the agent does, and its backlog."""
         agent = self._agent
         try:
-            stats = stats or agent.store.stats()
+            stats = stats or agent.parts.store.queue.stats()
             backlog = f"outbox depth {stats['outbox_depth']}, dead letters {stats['dead_letters']}"
         except Exception:
             backlog = "outbox depth unknown (store unreadable)"
         if state is None:
-            paused = agent.runs_started and agent.runs.paused
+            paused = agent.parts.runs_started and agent.parts.runs.paused
             state = "waiting for the run directory" if paused else "running"
         line = f"STATUS={state}: {agent.config.adw_id}, {backlog}"
         if agent.health.error:
             line += "; storage failing"
-        elif agent.sender.last_error:
-            line += f"; delivery failing: {agent.sender.last_error}"
+        elif agent.parts.sender.last_error:
+            line += f"; delivery failing: {agent.parts.sender.last_error}"
         return line

@@ -4,7 +4,7 @@ Runs the agent in this process (``agent.app.Agent``, default settings, log level
 wraps a few of its methods with timestamps, rewrites ``adw_state.json`` in place at 20/s and
 prints, for each stage, the median and p90 of the time from the write to the stage: watchdog's
 callback (``_notice``), the event loop (``_note``), processing (``Pipeline.process``), the POST
-(``Sender._post``), the receiver's arrival time, and the ack. The timing wrappers add a few
+(``Exchange.post``), the receiver's arrival time, and the ack. The timing wrappers add a few
 microseconds; the end-to-end figure is the latency scenario's, this is the breakdown.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import app, config, deliver, logs, outbox, pipeline
+from agent import app, config, deliver_http, logs, outbox_queue, pipeline
 from bench.common import base_state, events, populate_run_dir, write_state
 from bench.receiver import ReceiverProcess
 from tests.harness import ROOT, write_config
@@ -77,8 +77,8 @@ def run(writes: int) -> dict[str, tuple[float, float]]:
     marks.wrap(app.Agent, "_notice", "notice")
     marks.wrap(app.Agent, "_note", "note")
     marks.wrap(pipeline.Pipeline, "process", "process")
-    marks.wrap(deliver.Sender, "_post", "post")
-    marks.wrap(outbox.Store, "ack", "ack")
+    marks.wrap(deliver_http.Exchange, "post", "post")
+    marks.wrap(outbox_queue.Queue, "ack", "ack")
     written: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

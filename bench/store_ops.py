@@ -70,14 +70,16 @@ def run(events: int, synchronous: Literal["full", "normal"]) -> dict[str, dict[s
 
             found = {"emit coalescing": _summary(_timed(events, emit("cost_update")))}
             found["emit plain"] = _summary(_timed(events, emit("workflow_failed")))
-            store.ack_many([int(row[0]) for row in store.db.execute("SELECT seq FROM outbox")])
+            store.queue.ack_many(
+                [int(row[0]) for row in store.db.execute("SELECT seq FROM outbox")]
+            )
             for size in (1, 100):
                 _timed(events, emit("workflow_failed"))
                 seqs = [int(row[0]) for row in store.db.execute("SELECT seq FROM outbox")]
                 batches = [seqs[i : i + size] for i in range(0, len(seqs), size)]
 
                 def ack(i: int, batches: list[list[int]] = batches) -> None:
-                    store.ack_many(batches[i])
+                    store.queue.ack_many(batches[i])
 
                 found[f"ack_many x{size}"] = _summary(_timed(len(batches), ack))
             return found

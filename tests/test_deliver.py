@@ -1,4 +1,4 @@
-"""Tests for agent.deliver: classifying answers, Retry-After, and the Sender on a mock transport.
+"""Tests for agent.deliver: the backoff, and the Sender on a mock transport.
 
 The Sender runs for real against a real SQLite store; only the HTTP transport is replaced by
 ``httpx.MockTransport`` so each answer can be scripted. End-to-end delivery against a real
@@ -12,8 +12,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -24,97 +22,18 @@ import pytest
 from tenacity import Future, RetryCallState
 
 from agent.config import Config, load
-from agent.deliver import (
-    MAX_RETRY_AFTER,
-    Sender,
-    _Backoff,
-    build_client,
-    classify,
-    clean_location,
-    read_excerpt,
-    reported_duplicates,
-    retry_after_seconds,
-)
-from agent.errors import PermanentDelivery, RetryableDelivery
-from agent.outbox import Store, StoreView, dead_letter_rows
+from agent.deliver import Sender, _Backoff
+from agent.deliver_http import build_client
+from agent.errors import RetryableDelivery
+from agent.outbox import Store, StoreView
+from agent.outbox_queue import dead_letter_rows
+from tests.test_deliver_http import Endless
 
 TOKEN = "t0ken-for-the-test"
 ADW = "abc123"
 
 
-# -- classify ---------------------------------------------------------------------------------
-
-
-def response(status: int, **headers: str) -> httpx.Response:
-    return httpx.Response(status, headers=headers, text=f"answer {status}")
-
-
-def check(answer: httpx.Response) -> None:
-    classify(answer, answer.text)
-
-
-@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
-def test_2xx_is_success(status: int) -> None:
-    check(response(status))
-
-
-@pytest.mark.parametrize("status", [401, 403, 408, 425, 429, 500, 502, 503, 504, 599])
-def test_retryable_statuses(status: int) -> None:
-    with pytest.raises(RetryableDelivery) as info:
-        check(response(status))
-    assert info.value.status == status
-    assert info.value.body == f"answer {status}"
-
-
-@pytest.mark.parametrize("status", [400, 404, 405, 409, 410, 413, 415, 422, 451])
-def test_other_4xx_are_permanent(status: int) -> None:
-    with pytest.raises(PermanentDelivery) as info:
-        check(response(status))
-    assert info.value.status == status
-    assert not isinstance(info.value, RetryableDelivery)
-
-
-def test_retryable_carries_retry_after() -> None:
-    with pytest.raises(RetryableDelivery) as info:
-        check(response(503, **{"Retry-After": "7"}))
-    assert info.value.retry_after == 7.0
-
-
-class Endless:
-    """A response body that never ends by itself; counts the chunks anyone pulled from it."""
-
-    def __init__(self, chunk: bytes = b"x" * 1000, chunks: int = 100_000) -> None:
-        self.chunk = chunk
-        self.chunks = chunks
-        self.pulled = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for _ in range(self.chunks):
-            self.pulled += 1
-            yield self.chunk
-
-
-def test_only_an_excerpt_of_the_body_is_read() -> None:
-    body = Endless()  # 100 MB, if anyone read it all
-
-    async def read() -> str:
-        answer = httpx.Response(400, content=body)
-        try:
-            return await read_excerpt(answer)
-        finally:
-            await answer.aclose()
-
-    excerpt = asyncio.run(read())
-    assert excerpt == "x" * 2000
-    assert body.pulled == 3  # one read past the excerpt, not the 100 000 the backend offers
-
-
-def test_a_short_body_is_read_to_its_end() -> None:
-    async def read() -> str:
-        answer = httpx.Response(400, content=Endless(b"ab", 3))
-        return await read_excerpt(answer)
-
-    assert asyncio.run(read()) == "ababab"
+# -- what is read of an answer -----------------------------------------------------------------
 
 
 def test_a_hostile_body_is_not_read_by_the_sender(config: Config, store: Store) -> None:
@@ -127,46 +46,7 @@ def test_a_hostile_body_is_not_read_by_the_sender(config: Config, store: Store) 
     assert body.pulled <= 3
 
 
-# -- Retry-After ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        ("1", 1.0),
-        (" 2.5 ", 2.5),
-        ("0", 0.0),
-        ("-3", 0.0),
-        ("100000", MAX_RETRY_AFTER),
-        ("nan", None),
-        ("", None),
-        (None, None),
-        ("soon", None),
-    ],
-)
-def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
-    assert retry_after_seconds(value) == seconds
-
-
-def test_retry_after_http_date() -> None:
-    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
-    assert later.endswith("GMT")
-    assert retry_after_seconds(later, now.timestamp()) == pytest.approx(30.0)
-    earlier = format_datetime(now - timedelta(seconds=30), usegmt=True)
-    assert retry_after_seconds(earlier, now.timestamp()) == 0.0
-
-
-def test_retry_after_http_date_without_zone_is_utc(monkeypatch: pytest.MonkeyPatch) -> None:
-    # "-0000" parses to a naive datetime; it must not be read in the machine's local time.
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    try:
-        now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
-        assert retry_after_seconds("Thu, 01 Jan 2026 12:00:10 -0000", now) == pytest.approx(10.0)
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+# -- the backoff ------------------------------------------------------------------------------
 
 
 def backoff_wait(backoff: _Backoff, attempt: int, exc: Exception) -> float:
@@ -285,7 +165,7 @@ async def run_sender(
 
 def empty(store: Store) -> Callable[[], bool]:
     """Whether the outbox is empty, asked without touching what the sender may coalesce."""
-    return lambda: store.depth() == 0
+    return lambda: store.queue.depth() == 0
 
 
 def test_posts_each_event_with_its_headers_in_seq_order(config: Config, store: Store) -> None:
@@ -391,7 +271,7 @@ def test_failed_attempts_are_recorded_for_status(config: Config, store: Store) -
     emit(store, "a")
     rec = Recorder(lambda n, e: httpx.Response(500))
     sender = run(config, store, rec, lambda: len(rec.requests) >= 3)
-    head = store.head()
+    head = store.queue.head()
     assert head is not None
     assert head.attempts >= 2
     assert sender.last_error == "backend answered 500"
@@ -462,7 +342,7 @@ def test_an_unreadable_outbox_does_not_end_the_sender(
         if not healed and errors():
             store.db.execute("ALTER TABLE outbox_away RENAME TO outbox")
             healed = True
-        return healed and store.depth() == 0
+        return healed and store.queue.depth() == 0
 
     with caplog.at_level(logging.ERROR, "adw_agent"):
         run(config, store, rec, heal)
@@ -551,10 +431,10 @@ def test_no_batch_route_falls_back_to_one_event_per_request_and_remembers(
         sender = Sender(batch_config, store, client)
         task = asyncio.create_task(sender.run())
         sender.wake()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         emit(store, "c")  # queued later: still one per request, the route is not asked again
         sender.wake()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
@@ -600,31 +480,6 @@ def test_a_rejected_batch_is_split_so_only_the_bad_event_is_dead_lettered(
 
 
 # -- redirects ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_3xx_is_retryable_and_names_a_clean_location(status: int) -> None:
-    answer = response(status, Location="https://alice:s3cret@other.example:8443/x/y?token=abc#f")
-    with pytest.raises(RetryableDelivery) as info:
-        check(answer)
-    assert info.value.status == status
-    assert "https://other.example:8443/x/y" in str(info.value)
-    assert "s3cret" not in str(info.value)
-    assert "token=abc" not in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("location", "shown"),
-    [
-        (None, "(no Location)"),
-        ("/relative/path?q=1", "/relative/path"),
-        ("http://[::1]:8000/p", "http://[::1]:8000/p"),
-        ("http://[::1/broken", "(an unparsable Location)"),
-        ("http://h/\x1b[31mred", "http://h/?[31mred"),
-    ],
-)
-def test_clean_location(location: str | None, shown: str) -> None:
-    assert clean_location(location) == shown
 
 
 def test_a_redirect_keeps_the_events_and_is_reported_once(
@@ -711,7 +566,7 @@ def test_a_stalled_sender_is_reported_and_recovers(config: Config, store: Store)
         assert sender.check_progress(later)  # still stalled; reported once
         assert store.meta("sender")["problem"] == "the sender has stopped making progress"
         release.set()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         assert not sender.check_progress()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -741,7 +596,7 @@ def test_a_reload_to_another_backend_ends_a_retry_after_wait(
         await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
         second = build_client(moved, transport=httpx.MockTransport(new))
         await sender.replace_client(moved, second).aclose()
-        await wait_until(lambda: store.depth() == 0)
+        await wait_until(lambda: store.queue.depth() == 0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await second.aclose()
@@ -752,31 +607,6 @@ def test_a_reload_to_another_backend_ends_a_retry_after_wait(
 
 
 # -- what the backend said it already had ------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("body", "sent", "duplicates"),
-    [
-        ('{"accepted": 3, "duplicates": 2}', 5, 2),
-        ('{"accepted": 0, "duplicates": 1, "note": "seen"}', 1, 1),
-        ('{"accepted": 5, "duplicates": 0}', 5, 0),
-        # Answers that do not say, or say something impossible, count nothing.
-        ("", 5, 0),
-        ('{"ok":true}', 1, 0),
-        ("not json", 5, 0),
-        ('{"accepted": 3, "duplicates": 2', 5, 0),  # cut off
-        ('{"duplicates": 2}', 5, 0),
-        ('{"accepted": 0, "duplicates": 6}', 5, 0),
-        ('{"accepted": 4, "duplicates": 2}', 5, 0),
-        ('{"accepted": 3, "duplicates": -1}', 5, 0),
-        ('{"accepted": 3, "duplicates": 1.0}', 5, 0),
-        ('{"accepted": 3, "duplicates": true}', 5, 0),
-        ('{"accepted": 3, "duplicates": "2"}', 5, 0),
-        ("[1, 2]", 5, 0),
-    ],
-)
-def test_reported_duplicates(body: str, sent: int, duplicates: int) -> None:
-    assert reported_duplicates(body, sent) == duplicates
 
 
 def delivery_totals(config: Config) -> tuple[int, int]:

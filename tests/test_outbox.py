@@ -22,14 +22,12 @@ from agent.outbox import (
     DB_NAME,
     LOCK_NAME,
     DeliveryCounts,
-    Queued,
     Store,
     StoreView,
-    dead_letter_rows,
     lock_storage,
-    outbox_stats,
-    read_meta,
 )
+from agent.outbox_queue import Queued, dead_letter_rows, outbox_stats
+from agent.outbox_schema import read_meta
 
 ADW = "55b761f6"
 
@@ -100,8 +98,8 @@ def counts(directory: Path, adw_id: str = ADW) -> DeliveryCounts:
 
 def drain(store: Store) -> list[Queued]:
     out = []
-    while (event := store.head()) is not None:
-        store.ack(event.seq)
+    while (event := store.queue.head()) is not None:
+        store.queue.ack(event.seq)
         out.append(event)
     return out
 
@@ -220,9 +218,9 @@ def test_coalescing_only_merges_the_same_type(store: Store) -> None:
 
 def test_an_event_the_sender_picked_up_is_never_altered(store: Store) -> None:
     emit(store, "workflow_update", workflow(["a"], status="one"))
-    head = store.head()
+    head = store.queue.head()
     assert head is not None
-    assert store.sent_floor == 1
+    assert store.queue.sent_floor == 1
     emit(store, "workflow_update", workflow(["b"], status="two"))
     emit(store, "workflow_update", workflow(["c"], status="three"))
     events = queued(store)
@@ -239,7 +237,7 @@ def test_nothing_queued_before_a_reopen_is_coalesced(tmp_path: Path) -> None:
     store.close()
     # The backend may already hold these under their ids: a restarted agent leaves them alone.
     store = Store(tmp_path, ADW, "normal")
-    assert store.sent_floor == 2
+    assert store.queue.sent_floor == 2
     emit(store, "workflow_update", workflow(["b"]))
     emit(store, "cost_update", cost(2.0))
     emit(store, "cost_update", cost(4.0))
@@ -317,12 +315,12 @@ def test_acks_add_up_delivered_and_duplicates(store: Store, tmp_path: Path) -> N
     for reason in "abcde":
         emit(store, "workflow_failed", failed(reason))
     assert counts(tmp_path)["totals"] == {"delivered": 0, "duplicates": 0, "since": None}
-    store.ack(1)
-    store.ack(2, duplicates=1)
-    store.ack_many([3, 4], duplicates=1)
+    store.queue.ack(1)
+    store.queue.ack(2, duplicates=1)
+    store.queue.ack_many([3, 4], duplicates=1)
     # An ack of events no longer queued (acknowledged already) counts nothing more, and a
     # backend cannot report more duplicates than events left the outbox.
-    store.ack_many([3, 4, 5], duplicates=7)
+    store.queue.ack_many([3, 4, 5], duplicates=7)
     totals = counts(tmp_path)["totals"]
     assert (totals["delivered"], totals["duplicates"]) == (5, 3)
     assert store.meta("delivered") == 5
@@ -331,13 +329,13 @@ def test_acks_add_up_delivered_and_duplicates(store: Store, tmp_path: Path) -> N
 def test_dead_letters_are_counted_per_stream_until_requeued(store: Store, tmp_path: Path) -> None:
     emit(store, "workflow_failed", failed("a"))
     emit(store, "workflow_failed", failed("b"))
-    first = store.head()
+    first = store.queue.head()
     assert first is not None
-    store.dead_letter(first, 400, "{}")
-    store.ack(2)
+    store.queue.dead_letter(first, 400, "{}")
+    store.queue.ack(2)
     stream = counts(tmp_path)["streams"][ADW]
     assert (stream["dead_letters"], stream["queued"], stream["expected"]) == (1, 0, 1)
-    store.requeue()
+    store.queue.requeue()
     stream = counts(tmp_path)["streams"][ADW]
     assert (stream["dead_letters"], stream["queued"], stream["expected"]) == (0, 1, 2)
 
@@ -347,7 +345,7 @@ def test_head_and_ack_go_in_seq_order(store: Store) -> None:
     emit(store, "phase_update", phase("b", []))
     delivered = drain(store)
     assert [e.seq for e in delivered] == [1, 2]
-    assert store.head() is None
+    assert store.queue.head() is None
     assert store.meta("last_delivery")["result"] == "ok"
 
 
@@ -355,34 +353,34 @@ def test_a_batch_is_the_oldest_events_in_seq_order_and_never_altered(store: Stor
     emit(store, "workflow_failed", failed("a"))
     emit(store, "workflow_update", workflow(["a"], status="one"))
     emit(store, "phase_update", phase("b", []))
-    batch = store.head_batch(2)
+    batch = store.queue.head_batch(2)
     assert [e.seq for e in batch] == [1, 2]
-    assert store.sent_floor == 2
+    assert store.queue.sent_floor == 2
     # The workflow_update in the batch may be on its way: a newer one does not replace it.
     emit(store, "workflow_update", workflow(["b"], status="two"))
     assert [e["seq"] for e in queued(store)] == [1, 2, 3, 4]
-    store.ack_many([e.seq for e in batch])
-    assert [e.seq for e in store.head_batch(100)] == [3, 4]
+    store.queue.ack_many([e.seq for e in batch])
+    assert [e.seq for e in store.queue.head_batch(100)] == [3, 4]
     assert store.meta("last_delivery") == {"at": ANY, "result": "ok", "seq": 2}
-    store.ack_many([])
-    assert store.depth() == 2
+    store.queue.ack_many([])
+    assert store.queue.depth() == 2
 
 
 def test_a_batch_stops_before_max_bytes_but_always_holds_the_oldest(store: Store) -> None:
     for reason in ("a" * 5000, "b", "c" * 5000, "d"):
         emit(store, "workflow_failed", failed(reason))
-    sizes = [len(e.body) for e in store.head_batch(10)]
-    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] - 1)] == [1]
-    assert [e.seq for e in store.head_batch(10, max_bytes=sizes[0] + sizes[1])] == [1, 2]
-    assert [e.seq for e in store.head_batch(10, max_bytes=sum(sizes))] == [1, 2, 3, 4]
-    assert [e.seq for e in store.head_batch(3, max_bytes=sum(sizes))] == [1, 2, 3]
+    sizes = [len(e.body) for e in store.queue.head_batch(10)]
+    assert [e.seq for e in store.queue.head_batch(10, max_bytes=sizes[0] - 1)] == [1]
+    assert [e.seq for e in store.queue.head_batch(10, max_bytes=sizes[0] + sizes[1])] == [1, 2]
+    assert [e.seq for e in store.queue.head_batch(10, max_bytes=sum(sizes))] == [1, 2, 3, 4]
+    assert [e.seq for e in store.queue.head_batch(3, max_bytes=sum(sizes))] == [1, 2, 3]
 
 
 def test_record_failure_keeps_the_event(store: Store) -> None:
     emit(store, "workflow_failed", failed("a"))
-    store.record_failure(1, "backend answered 503")
-    store.record_failure(1, "backend answered 503")
-    head = store.head()
+    store.queue.record_failure(1, "backend answered 503")
+    store.queue.record_failure(1, "backend answered 503")
+    head = store.queue.head()
     assert head is not None
     assert head.attempts == 2
     assert store.meta("last_delivery")["result"] == "backend answered 503"
@@ -391,35 +389,35 @@ def test_record_failure_keeps_the_event(store: Store) -> None:
 def test_dead_letter_and_requeue_keep_id_and_seq(store: Store) -> None:
     emit(store, "workflow_failed", failed("a"))
     emit(store, "workflow_failed", failed("b"))
-    first = store.head()
+    first = store.queue.head()
     assert first is not None
-    store.dead_letter(first, 400, '{"detail": "bad"}')
+    store.queue.dead_letter(first, 400, '{"detail": "bad"}')
     assert [e["seq"] for e in queued(store)] == [2]
     [row] = dead_letter_rows(store.db)
     assert (row["seq"], row["event_id"], row["status"]) == (1, first.event_id, 400)
     assert row["response"] == '{"detail": "bad"}'
-    assert store.stats()["dead_letters"] == 1
+    assert store.queue.stats()["dead_letters"] == 1
 
-    assert store.requeue() == 1
-    again = store.head()
+    assert store.queue.requeue() == 1
+    again = store.queue.head()
     assert again is not None
     assert (again.seq, again.event_id, again.body) == (first.seq, first.event_id, first.body)
     assert dead_letter_rows(store.db) == []
-    assert store.requeue(99) == 0
+    assert store.queue.requeue(99) == 0
 
 
 def test_a_requeue_conflict_fails_loudly_and_keeps_the_dead_letter(store: Store) -> None:
     emit(store, "workflow_failed", failed("a"))
-    first = store.head()
+    first = store.queue.head()
     assert first is not None
-    store.dead_letter(first, 400, "no")
+    store.queue.dead_letter(first, 400, "no")
     # The same event queued again meanwhile (an older copy of the store restored, say).
     store.db.execute(
         "INSERT INTO outbox (seq, event_id, type, created, body) VALUES (?, ?, ?, ?, ?)",
         (first.seq, first.event_id, first.type, first.created, first.body),
     )
     with pytest.raises(StorageError, match=r"dead letter seq 1 .* is already in the outbox"):
-        store.requeue()
+        store.queue.requeue()
     assert [r["seq"] for r in dead_letter_rows(store.db)] == [1]
     assert [e["seq"] for e in queued(store)] == [1]
 
@@ -428,16 +426,16 @@ def test_requeue_one_by_seq(store: Store) -> None:
     for reason in "abc":
         emit(store, "workflow_failed", failed(reason))
     for _ in range(3):
-        head = store.head()
+        head = store.queue.head()
         assert head is not None
-        store.dead_letter(head, 422, "")
-    assert store.requeue(2) == 1
+        store.queue.dead_letter(head, 422, "")
+    assert store.queue.requeue(2) == 1
     assert [e["seq"] for e in queued(store)] == [2]
     assert [r["seq"] for r in dead_letter_rows(store.db)] == [1, 3]
 
 
 def test_stats(store: Store) -> None:
-    assert store.stats() == {
+    assert store.queue.stats() == {
         "outbox_depth": 0,
         "outbox_by_type": {},
         "oldest_undelivered_age": None,
@@ -481,9 +479,9 @@ def test_sqlite_errors_become_storage_errors(store: Store) -> None:
 def test_an_unreadable_outbox_is_a_storage_error(store: Store) -> None:
     store.db.execute("DROP TABLE outbox")
     with pytest.raises(StorageError, match="cannot read the outbox"):
-        store.head()
+        store.queue.head()
     with pytest.raises(StorageError, match="cannot read the outbox"):
-        store.depth()
+        store.queue.depth()
 
 
 def test_meta_written_in_a_transaction_commits_or_rolls_back_with_it(store: Store) -> None:
@@ -504,12 +502,12 @@ def test_meta_written_in_a_transaction_commits_or_rolls_back_with_it(store: Stor
 
 def test_depth_changes_nothing(store: Store) -> None:
     emit(store, "agent_status", status("starting"))
-    assert store.depth() == 1
+    assert store.queue.depth() == 1
     emit(store, "agent_status", status("running"))  # still unsent: coalesced
-    assert store.depth() == 1
-    assert store.head() is not None
+    assert store.queue.depth() == 1
+    assert store.queue.head() is not None
     emit(store, "agent_status", status("running"))  # picked up by the sender: kept
-    assert store.depth() == 2
+    assert store.queue.depth() == 2
 
 
 def test_file_state_round_trips(store: Store) -> None:
@@ -581,19 +579,19 @@ def test_any_interleaving_delivers_in_order_and_facts_exactly_once(
                 if kind not in COALESCIBLE:
                     facts.append(f"{kind}:{i}")
             elif action == "head":
-                in_flight = store.head()
+                in_flight = store.queue.head()
             elif action == "ack" and in_flight is not None:
-                store.ack(in_flight.seq)
+                store.queue.ack(in_flight.seq)
                 delivered.append(orjson.loads(in_flight.body))
                 in_flight = None
             elif action == "fail" and in_flight is not None:
-                store.record_failure(in_flight.seq, "503")
+                store.queue.record_failure(in_flight.seq, "503")
             elif action == "reopen":
                 store.close()
                 store = Store(directory, ADW, "normal")
                 in_flight = None  # a crash: the event in flight is sent again from the outbox
-        while (event := store.head()) is not None:
-            store.ack(event.seq)
+        while (event := store.queue.head()) is not None:
+            store.queue.ack(event.seq)
             delivered.append(orjson.loads(event.body))
     finally:
         store.close()

@@ -64,7 +64,7 @@ class Run:
     def take(self) -> list[dict[str, Any]]:
         rows = self.store.db.execute("SELECT seq, body FROM outbox ORDER BY seq").fetchall()
         for seq, _ in rows:
-            self.store.ack(seq)
+            self.store.queue.ack(seq)
         return [orjson.loads(body) for _, body in rows]
 
     def restart(self) -> Pipeline:

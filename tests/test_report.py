@@ -13,7 +13,8 @@ from agent import config as config_module
 from agent.config import Config
 from agent.errors import StorageError
 from agent.layout import PHASES, STATE, FileKey
-from agent.outbox import Queued, Store
+from agent.outbox import Store
+from agent.outbox_queue import Queued
 from agent.pipeline import Pipeline
 from agent.report import dead_letters, health, print_status, status_report
 from tests.harness import AdwWriter, fixture_lines
@@ -50,9 +51,9 @@ def fill(config: Config, store: Store, writer: AdwWriter) -> list[bytes]:
 
 
 def dead_letter_head(store: Store, status: int = 400) -> Queued:
-    event = store.head()
+    event = store.queue.head()
     assert event is not None
-    store.dead_letter(event, status, '{"error":"schema"}')
+    store.queue.dead_letter(event, status, '{"error":"schema"}')
     return event
 
 
@@ -161,7 +162,7 @@ def test_dead_letters_list_and_requeue_keep_id_and_seq(
     assert dead_letters(config, None, True) == {"requeued": 1}
     assert dead_letters(config, None, False) == {"dead_letters": []}
 
-    head = store.head()
+    head = store.queue.head()
     assert head is not None
     assert (head.seq, head.event_id) == (first.seq, first.event_id)
     assert json.loads(head.body)["event_id"] == first.event_id
@@ -282,8 +283,8 @@ def test_status_shows_what_an_auditor_needs_per_stream_and_in_total(
         writer.state({"adw_id": "55b761f6", "issue_number": issue})
         Pipeline(config, store).process({STATE})
     dead_letter_head(store)
-    batch = store.head_batch(100)
-    store.ack_many([event.seq for event in batch], duplicates=1)
+    batch = store.queue.head_batch(100)
+    store.queue.ack_many([event.seq for event in batch], duplicates=1)
 
     report = status_report(config)
 

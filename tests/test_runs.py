@@ -75,8 +75,8 @@ class Host:
         return [orjson.loads(body) for _, body in rows]
 
     def deliver(self) -> None:
-        while (event := self.store.head()) is not None:
-            self.store.ack(event.seq)
+        while (event := self.store.queue.head()) is not None:
+            self.store.queue.ack(event.seq)
 
 
 @pytest.fixture

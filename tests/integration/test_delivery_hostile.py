@@ -19,7 +19,8 @@ from urllib.parse import quote
 
 import pytest
 
-from agent.outbox import Store, dead_letter_rows
+from agent.outbox import Store
+from agent.outbox_queue import dead_letter_rows
 from tests.harness import (
     ROOT,
     AdwWriter,

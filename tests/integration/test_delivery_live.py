@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StorageError
-from agent.outbox import Store, dead_letter_rows
+from agent.outbox import Store
+from agent.outbox_queue import dead_letter_rows
 from tests.harness import AdwWriter, AgentProcess, Backend, Reply
 
 TOKEN = "live-test-token-0123456789"
