@@ -3,9 +3,10 @@
 Runs the agent in this process (``agent.app.Agent``, default settings, log level warning),
 wraps a few of its methods with timestamps, rewrites ``adw_state.json`` in place at 20/s and
 prints, for each stage, the median and p90 of the time from the write to the stage: watchdog's
-callback (``_notice``), the event loop (``_note``), processing (``Pipeline.process``), the POST
-(``Exchange.post``), the receiver's arrival time, and the ack. The timing wrappers add a few
-microseconds; the end-to-end figure is the latency scenario's, this is the breakdown.
+callback (``Runs._notice``), the event loop (``Runs._route``), processing
+(``Pipeline.process``), the POST (``Exchange.post_batch``), the receiver's arrival time, and
+the ack. The timing wrappers add a few microseconds; the end-to-end figure is the latency
+scenario's, this is the breakdown.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import app, config, deliver_http, logs, outbox_queue, pipeline
+from agent import app, config, deliver_http, logs, outbox_queue, pipeline, runs
 from bench.common import base_state, events, populate_run_dir, write_state
 from bench.receiver import ReceiverProcess
 from tests.harness import ROOT, write_config
@@ -74,11 +75,13 @@ class Marks:
 
 def run(writes: int) -> dict[str, tuple[float, float]]:
     marks = Marks()
-    marks.wrap(app.Agent, "_notice", "notice")
-    marks.wrap(app.Agent, "_note", "note")
+    # The watcher's thread hands each path to the loop (Runs._notice), which routes it to its
+    # run (Runs._route); the sender posts batches and acknowledges them together.
+    marks.wrap(runs.Runs, "_notice", "notice")
+    marks.wrap(runs.Runs, "_route", "note")
     marks.wrap(pipeline.Pipeline, "process", "process")
-    marks.wrap(deliver_http.Exchange, "post", "post")
-    marks.wrap(outbox_queue.Queue, "ack", "ack")
+    marks.wrap(deliver_http.Exchange, "post_batch", "post")
+    marks.wrap(outbox_queue.Queue, "ack_many", "ack")
     written: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.stages import STAGES
 from tests.harness import ROOT
 
 
@@ -55,3 +56,18 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
         "drain",
     }
     assert "Targets" in proc.stdout
+
+
+def test_bench_stages_still_finds_every_stage_it_times() -> None:
+    # It wraps the agent's own methods by name: a rename must break this test, not the bench.
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.stages", "--writes", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.rsplit(None, 2) for line in proc.stdout.splitlines()[1:] if line.strip()]
+    assert [row[0].strip() for row in rows] == [label for label, _ in STAGES], proc.stdout
