@@ -94,7 +94,11 @@ class Queue:
         """The backend accepted these events: they leave the outbox in one transaction. It
         said ``duplicates`` of them it already had; both are added to the delivery totals.
 
-        Committed without waiting for the disk, like :meth:`ack` and for the same reasons.
+        This transaction alone commits without waiting for the disk (``synchronous = NORMAL``):
+        a power cut can only undo it, and then the events are sent again under the same
+        event_ids, which the backend deduplicates. It cannot be reordered before an earlier
+        commit, and every transaction that queues an event still waits for the disk. The wait
+        for the disk was most of the time one delivery took (see BENCHMARKS.md).
         """
         if not seqs:
             return
@@ -134,31 +138,9 @@ class Queue:
             raise StorageError(f"cannot read the outbox in {self._path}: {exc}") from None
 
     def ack(self, seq: int, duplicates: int = 0) -> None:
-        """The backend accepted the event: it leaves the outbox. ``duplicates`` is 1 when the
-        backend said it already had it.
-
-        This transaction alone commits without waiting for the disk (``synchronous = NORMAL``):
-        a power cut can only undo it, and then the event is sent again under the same event_id,
-        which the backend deduplicates. It cannot be reordered before an earlier commit, and
-        every transaction that queues an event still waits for the disk. The wait for the disk
-        was most of the time one delivery took (see BENCHMARKS.md).
-        """
-        relax = self._synchronous == "FULL"
-        try:
-            if relax:
-                self._db.execute("PRAGMA synchronous = NORMAL")
-            try:
-                with self._transact():
-                    gone = self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
-                    count_delivered(self._db, gone, duplicates)
-                    put_meta(
-                        self._db, "last_delivery", {"at": time.time(), "result": "ok", "seq": seq}
-                    )
-            finally:
-                if relax:
-                    self._db.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            raise storage_error(exc) from None
+        """The backend accepted one event (see :meth:`ack_many`); ``duplicates`` is 1 when it
+        said it already had it."""
+        self.ack_many([seq], duplicates)
 
     def record_failure(self, seq: int, error: str) -> None:
         """Remember a failed attempt (for status); the event stays queued."""
