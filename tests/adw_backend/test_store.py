@@ -10,7 +10,8 @@ import pytest
 from adw_backend.errors import DatabaseUnavailable
 from adw_backend.intake import check_event
 from adw_backend.projection import EventView, new_marks, new_projection
-from adw_backend.store import CONNECT_ARGS, Applied, Store, _Projections, pg_connect_args
+from adw_backend.store import CONNECT_ARGS, Applied, Store, pg_connect_args
+from adw_backend.store_cache import ProjectionCache
 from agent.events import Event
 from tests.adw_backend import factory
 
@@ -52,14 +53,15 @@ def test_a_failed_transaction_leaves_nothing_in_memory(
     store.ingest([checked(factory.cost_update("a1", 1, 1.0))])
     seen: list[list[Applied]] = []
 
-    write = store._write_sqlite
+    writer = store._writer
+    write = writer._write_sqlite
 
     def broken(*args: Any) -> Any:
         write(*args)
         raise DatabaseUnavailable("database unavailable")
 
     # The projection is folded and written, then the transaction fails and rolls back.
-    monkeypatch.setattr(store, "_write_sqlite", broken)
+    monkeypatch.setattr(writer, "_write_sqlite", broken)
     with pytest.raises(DatabaseUnavailable):
         store.ingest([checked(factory.cost_update("a1", 2, 5.0))], seen.append)
     monkeypatch.undo()
@@ -72,7 +74,7 @@ def test_a_failed_transaction_leaves_nothing_in_memory(
 
 
 def test_the_cache_is_bounded() -> None:
-    cache = _Projections(max_items=10, max_bytes=800)
+    cache = ProjectionCache(max_items=10, max_bytes=800)
     for i in range(9):
         cache.put(f"a{i}", new_projection(f"a{i}"), new_marks(), 99)
     # 891 bytes is over 800: the least recently used one went out.
@@ -85,7 +87,7 @@ def test_the_cache_is_bounded() -> None:
     # Over an eighth of the budget: never kept (and an older copy is dropped).
     cache.put("a1", new_projection("a1"), new_marks(), 101)
     assert cache.get("a1") is None
-    small = _Projections(max_items=3, max_bytes=10_000)
+    small = ProjectionCache(max_items=3, max_bytes=10_000)
     for i in range(5):
         small.put(f"a{i}", new_projection(f"a{i}"), new_marks(), 1)
     assert len(small) == 3
