@@ -12,11 +12,14 @@ Install with ``pip install 'adw-agent[backend]'``. Two ways to run it:
 
 Layout: :mod:`~adw_backend.settings` (the one frozen config), :mod:`~adw_backend.intake`
 (bodies read with a bound, parsed and checked), :mod:`~adw_backend.projection` (pure folding
-rules), :mod:`~adw_backend.store` (all SQL), :mod:`~adw_backend.broadcast` (WebSocket fan-out,
-replica notices), :mod:`~adw_backend.service` (what the routes share, started once),
-:mod:`~adw_backend.router` (HTTP and WebSocket routes), :mod:`~adw_backend.app` and
-:mod:`~adw_backend.serve` (the standalone service), :mod:`~adw_backend.errors`. The event
-models come from :mod:`agent.events`.
+rules), :mod:`~adw_backend.store` (all SQL, in front of :mod:`~adw_backend.store_schema`:
+tables, engine, transactions; :mod:`~adw_backend.store_ingest`: the write path;
+:mod:`~adw_backend.store_cache`: the SQLite projection cache; :mod:`~adw_backend.store_reads`:
+the reads), :mod:`~adw_backend.broadcast` (WebSocket fan-out, replica notices),
+:mod:`~adw_backend.service` (what the routes share, started once), :mod:`~adw_backend.router`
+(HTTP and WebSocket routes), :mod:`~adw_backend.app` and :mod:`~adw_backend.serve` (the
+standalone service), :mod:`~adw_backend.errors`. The event models come from
+:mod:`agent.events`.
 
 Routes
 ------

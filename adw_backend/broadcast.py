@@ -8,7 +8,7 @@ or the other clients.
 A message is serialised once, whatever the number of clients.
 
 With PostgreSQL, a replica that applies an event also sends ``NOTIFY`` in the same transaction
-(see :mod:`adw_backend.store`); :class:`PgListener` in every replica reads those, skips its
+(see :mod:`adw_backend.store_ingest`); :class:`PgListener` in every replica reads those, skips its
 own, loads the event and projection from the database and publishes them to its own clients.
 
 Notices sent while a listener is not listening (the database restarting, its connection

@@ -1,7 +1,8 @@
 """The backend's own exceptions: each one maps to one HTTP answer at one place (the router).
 
 Nothing below the router raises HTTP errors, and nothing above the store sees a database
-driver's exception: :mod:`adw_backend.store` translates those into :class:`DatabaseUnavailable`.
+driver's exception: :meth:`adw_backend.store_schema.Database.begin` translates those into
+:class:`DatabaseUnavailable`.
 """
 
 from __future__ import annotations
