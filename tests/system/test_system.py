@@ -1,5 +1,5 @@
 """The system fault suite as one test: several hosts, two replicas on PostgreSQL, a proxy, and
-random faults for a few minutes (``ADW_SYSTEM_MINUTES``, default 3), from a printed seed
+random faults for a few minutes (``ADW_SYSTEM_MINUTES``, default 4), from a printed seed
 (``ADW_SYSTEM_SEED`` repeats one). Its report is printed whether it passes or not.
 
 Needs root (network namespaces, a tmpfs per host) and Debian's PostgreSQL; without them it
@@ -28,7 +28,7 @@ def test_nothing_is_lost_or_doubled_through_faults_anywhere(
             pytest.fail(reason)
         pytest.skip(reason)
     seed = int(os.environ.get("ADW_SYSTEM_SEED") or random.SystemRandom().randrange(1 << 32))
-    minutes = float(os.environ.get("ADW_SYSTEM_MINUTES") or 3.0)
+    minutes = float(os.environ.get("ADW_SYSTEM_MINUTES") or 4.0)
     lines: list[str] = []
 
     def say(line: str) -> None:
