@@ -63,11 +63,8 @@ class Store:
         batch: Sequence[tuple[EventView, str]],
         committed: Callable[[list[Applied]], None] | None = None,
     ) -> Outcome:
-        """Store ``batch`` (events and their sources) and fold the new ones, atomically.
-
-        ``committed(applied)`` is called right after the commit, before the next write on
-        SQLite begins, so that what it publishes is in commit order.
-        """
+        """Store ``batch`` and fold the new events, atomically (see
+        :meth:`~adw_backend.store_ingest.Writer.ingest`)."""
         return self._writer.ingest(batch, committed)
 
     def delete(self, adw_id: str) -> None:
