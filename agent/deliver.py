@@ -200,7 +200,9 @@ class Sender:
                     # A reload from here on ends the wait that may follow this attempt.
                     self._backend_changed.clear()
                     self.problems.busy(self._config.backend.timeout)
-                    if self._batching:
+                    # By the batch in hand, not the current setting: a reload may have turned
+                    # batches off since it was taken, and every event of it is acknowledged.
+                    if len(batch) > 1 or self._batching:
                         duplicates = await self._exchange.post_batch(batch)
                     else:
                         duplicates = await self._exchange.post(batch[0])

@@ -673,3 +673,37 @@ def test_a_split_batch_counts_each_delivered_half_and_no_dead_letter(
     run(batch_config, store, BatchRecorder(strict), empty(store))
     assert delivery_totals(batch_config) == (3, 3)
     assert len(dead_letter_rows(store.db)) == 1
+
+
+def test_a_reload_to_one_event_per_request_mid_retry_still_sends_the_whole_batch(
+    batch_config: Config, store: Store
+) -> None:
+    # The batch in flight was taken under batch_max 100: after a reload to batch_max 1 its
+    # retry must still carry every event it will acknowledge, not only the first.
+    for reason in ("a", "b", "c"):
+        emit(store, reason)
+    answers = iter([httpx.Response(503, headers={"Retry-After": "600"})])
+    rec = BatchRecorder(lambda p, e: next(answers, accepted(p, e)))
+    single = batch_config.model_copy(
+        update={"delivery": batch_config.delivery.model_copy(update={"batch_max": 1})}
+    )
+
+    async def scenario() -> None:
+        client = build_client(batch_config, transport=httpx.MockTransport(rec))
+        sender = Sender(batch_config, store, client)
+        task = asyncio.create_task(sender.run())
+        sender.wake()
+        await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
+        moved = single.model_copy(
+            update={"backend": single.backend.model_copy(update={"url": "http://127.0.0.1:10"})}
+        )
+        second = build_client(moved, transport=httpx.MockTransport(rec))
+        await sender.replace_client(moved, second).aclose()
+        await wait_until(lambda: store.queue.depth() == 0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await second.aclose()
+
+    asyncio.run(scenario())
+    delivered = [seq for seqs in rec.seqs()[1:] for seq in seqs]
+    assert delivered == [1, 2, 3]
