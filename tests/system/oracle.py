@@ -58,21 +58,47 @@ def consumed_offset(storage: Path, adw_id: str, agent: str) -> int:
     return -1 if row is None else int(orjson.loads(row[0])["position"]["offset"])
 
 
+#: What a count reads as while the store cannot be read (an agent starting, a full disk):
+#: never "done".
+UNREADABLE = 1 << 62
+
+
 def queued_since(storage: Path, before: float) -> int:
     """Events queued at or before ``before`` (wall clock) and not yet acknowledged."""
     if not (storage / DB_NAME).exists():
         return 0
-    with agent_store(storage) as db:
-        row = db.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (before,)).fetchone()
+    try:
+        with agent_store(storage) as db:
+            row = db.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (before,)).fetchone()
+    except sqlite3.Error:
+        return UNREADABLE
     return int(row[0])
 
 
 def depth(storage: Path) -> tuple[int, int]:
     """(events queued, dead letters)."""
-    with agent_store(storage) as db:
-        queued = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        dead = int(db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+    try:
+        with agent_store(storage) as db:
+            queued = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            dead = int(db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+    except sqlite3.Error:
+        return UNREADABLE, UNREADABLE
     return queued, dead
+
+
+def revisions_unlike_events(conn: psycopg.Connection[Any]) -> list[str]:
+    """Workflows whose ``revision`` (+1 for every event folded into it) differs from the events
+    stored for them: an event folded twice, or stored and never folded."""
+    rows = conn.execute(
+        "SELECT w.adw_id, w.projection, (SELECT COUNT(*) FROM adw_events e "
+        "WHERE e.adw_id = w.adw_id) FROM adw_workflows w"
+    ).fetchall()
+    wrong = []
+    for adw_id, projection, stored in rows:
+        shown = projection if isinstance(projection, dict) else orjson.loads(projection)
+        if shown.get("revision") != stored:
+            wrong.append(f"{adw_id}: revision {shown.get('revision')!r}, {stored} events stored")
+    return wrong
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from tests.system.netns import Network
 from tests.system.workload import HostWorkload
 
 #: How long the viewer may show an ended run otherwise than the database.
-SCREEN_LAG = 15.0
+SCREEN_LAG = 30.0
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,9 @@ class System:
             port = self.ports["a"] if n == 1 else self.ports["b"] if n == 2 else self.ports["proxy"]
             host = Host(n, link, self.work / f"h{n}" / "agents", self.work / f"h{n}" / "disk",
                         f"http://{link.backend_address}:{port}")  # fmt: skip
-            host.setup(self.options.disk_mb)
+            # Listed before its tmpfs is mounted, so that stop() unmounts it whatever fails.
             self.hosts.append(host)
+            host.setup(self.options.disk_mb)
         link = self.network.viewer
         urls = [f"ws://{link.backend_address}:{self.ports[n]}/ws/workflows" for n in ("a", "b")]
         self.viewer = viewer(link, urls, self.view, self.work).start()
@@ -250,8 +251,17 @@ class System:
         finally:
             self._expected_down.discard(part.name)
 
-    def stop(self) -> None:
+    def stop(self, *, keep_stores: bool = False) -> None:
+        """Stop everything in order: the writers, the agents, the backend side, the network.
+        ``keep_stores`` copies each agent's store out of its tmpfs first (for a failed run)."""
         self._stop.set()
+        for workload in self.workloads:
+            workload.no_new.set()
+            workload.hurry.set()
+        for host in self.hosts:
+            host.free_disk()
+        for workload in self.workloads:
+            workload.join(60)
         for host in self.hosts:
             self.expect_down(host.agent)
             host.free_disk()
@@ -263,6 +273,8 @@ class System:
                 self.expect_down(part)
                 part.stop()
         for host in self.hosts:
+            if keep_stores and host.storage.exists():
+                shutil.copytree(host.storage, host.root.parent / "store", dirs_exist_ok=True)
             host.teardown()
         self.network.down()
 
@@ -275,6 +287,7 @@ def run(
     say(f"system suite: seed {options.seed}, {options.minutes:g} min, {options.hosts} hosts")
     own = work is None
     root = Path(tempfile.mkdtemp(prefix="adw-system-")) if work is None else work
+    crashed = True
     try:
         with throwaway_cluster() as cluster:
             name = cluster.create_database().rsplit("/", 1)[1]
@@ -284,8 +297,9 @@ def run(
                 system.start()
                 _play(system, Chaos(system, system.rng), observer, report, say)
                 _finish(system, observer, report, say)
+                crashed = False
             finally:
-                system.stop()
+                system.stop(keep_stores=crashed or not report.ok)
                 report.problems[:0] = system.problems
                 for part in system.parts():
                     report.kills[part.kind] += part.kills
@@ -294,10 +308,10 @@ def run(
                     1 for f in report.faults for p in f.plans if p.kind == "pg_restart"
                 )
     finally:
-        if own and report.ok:
+        if own and report.ok and not crashed:
             shutil.rmtree(root, ignore_errors=True)
-        elif not report.ok:
-            say(f"logs kept in {root}")
+        else:
+            say(f"logs and the agents' stores kept in {root}")
     for line in report.lines():
         say(line)
     return report
@@ -318,12 +332,15 @@ def _play(
         chaos.inject(plans)
         try:
             took: float | None = observer.converge()
-        except AssertionError as exc:
+        except Exception as exc:  # a timeout, or a part that cannot be read
             took = None
             system.problems.append(f"{' + '.join(kinds)}: {exc}")
         report.faults.append(Fault(plans, took))
         report.last_heal = time.monotonic() - (took or 0.0)
-        _check_screen(system, observer, " + ".join(kinds))
+        try:
+            _check_screen(system, observer, " + ".join(kinds))
+        except Exception as exc:  # a problem of the run, reported with the others
+            system.problems.append(f"after {' + '.join(kinds)}: cannot read the screen: {exc}")
         what = " + ".join(f"{p.kind} {p.target} {p.hold:.1f} s" for p in plans)
         say(f"  {len(report.faults):3d} {what:<56} converged in "
             f"{'-' if took is None else f'{took:.2f} s'}")  # fmt: skip
@@ -358,6 +375,7 @@ def _finish(system: System, observer: Observer, report: Report, say: Callable[[s
             report.problems.append(f"{host.agent.name} stopped with {code}: {host.agent.tail(600)}")
     with observer.connect() as conn:
         applied = oracle.applied_seqs(conn)
+        report.problems += oracle.revisions_unlike_events(conn)[:10]
     found = {}
     for host in system.hosts:
         found[host.agent.name], totals = oracle.delivery(host.storage, host.status_id)

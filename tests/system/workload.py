@@ -259,7 +259,10 @@ class HostWorkload:
 
     def start(self) -> None:
         for slot in range(self.concurrency):
-            thread = threading.Thread(target=self._slot, name=f"host{self.host}-{slot}")
+            # Daemon: a writer still waiting for an agent never keeps a failed suite alive.
+            thread = threading.Thread(
+                target=self._slot, name=f"host{self.host}-{slot}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
