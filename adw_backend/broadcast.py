@@ -298,9 +298,14 @@ class PgListener:
                         # with the first one, and load it all in one query.
                         more = list(conn.notifies(timeout=0.0, stop_after=GROUP - 1))
                         self._handle([note.payload for note in first + more])
-            except (psycopg.Error, DatabaseUnavailable) as exc:
-                # Said once per outage, not once per retry.
-                if not failing:
+            except Exception as exc:
+                if not isinstance(exc, psycopg.Error | DatabaseUnavailable):
+                    # A bug, not an outage: said with its traceback, and the listener starts
+                    # again (and so resynchronises its clients) instead of dying while
+                    # /healthz still says it listens.
+                    log.exception("the replica listener failed; starting it again")
+                elif not failing:
+                    # An outage is said once, not once per retry.
                     reason = str(exc).strip().splitlines()
                     log.warning(
                         "cannot hear the other replicas, retrying: %s",

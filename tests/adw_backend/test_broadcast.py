@@ -4,7 +4,9 @@ queues a marker per client and reads one snapshot for all of them."""
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+import threading
+import time
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from adw_backend.broadcast import Hub, PgListener, Resync
 from adw_backend.errors import DatabaseUnavailable
 from adw_backend.store import Applied, Store
+from tests.adw_backend.conftest import PgCluster
 
 
 def test_a_full_client_is_dropped_and_the_others_get_every_message() -> None:
@@ -156,3 +159,49 @@ def test_events_the_listener_cannot_load_make_it_start_again() -> None:
     notices = [orjson.dumps({"event_id": "e1", "origin": "other-replica"}).decode()]
     with pytest.raises(DatabaseUnavailable):
         listener._handle(notices)  # the step between a notice and a client
+
+
+class _BrokenOnceStore:
+    """A store whose first load fails with a bug (not an outage), then loads nothing."""
+
+    origin = "this-replica"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def event_messages(self, event_ids: list[str]) -> list[Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in loading")
+        return []
+
+
+def test_a_listener_that_hits_a_bug_starts_again_and_resynchronises(
+    pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    import psycopg  # noqa: PLC0415  (only with PostgreSQL)
+
+    url = pg_cluster.create_database()
+    listens: list[float] = []
+    listener = PgListener(
+        url,
+        "adw_events",
+        cast(Store, _BrokenOnceStore()),
+        lambda _m: None,
+        lambda: "",
+        listening=lambda: listens.append(time.monotonic()),
+    )
+    listener.start()
+    try:
+        assert listener.ready.wait(30)
+        note = orjson.dumps({"event_id": "e1", "origin": "other-replica"}).decode()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('adw_events', %s)", (note,))
+        deadline = time.monotonic() + 30
+        while len(listens) < 2 and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
+        assert len(listens) == 2, "the listener did not listen again after the bug"
+        assert listener.ready.wait(30)
+    finally:
+        listener.stop()
+    assert "the replica listener failed; starting it again" in caplog.text
