@@ -16,6 +16,7 @@ redacted everywhere it could be printed.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -321,8 +322,10 @@ def check_url(value: str) -> str:
     return value.rstrip("/")
 
 
+@functools.cache
 def host_status_id() -> str:
-    """The default name of a host-mode agent's own status: ``host-`` and the host name.
+    """The default name of a host-mode agent's own status: ``host-`` and the host name, read
+    once per process (a machine renamed while the agent runs keeps its stream).
 
     Every build host's agent sends its status as a stream of its own; one shared name would
     make the backend order the statuses of different hosts as one stream and drop some.

@@ -351,11 +351,15 @@ def test_host_mode_status_is_named_after_the_machine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("socket.gethostname", lambda: "build-07.example")
+    host_status_id.cache_clear()
     base = {"backend": {"url": "http://127.0.0.1:1"}, "storage": {"dir": tmp_path / "s"}}
     config = Config.model_validate({"adw": {"root": tmp_path}, **base})
     assert config.adw_id == "host-build-07.example"
     # Characters a file name cannot hold are replaced, so the name stays a plain one.
     monkeypatch.setattr("socket.gethostname", lambda: "bü ild")
+    assert host_status_id() == "host-build-07.example", "read once per process"
+    host_status_id.cache_clear()
     assert host_status_id() == "host-b--ild"
+    host_status_id.cache_clear()
     named = Config.model_validate({"adw": {"root": tmp_path, "id": "rack-3"}, **base})
     assert named.adw_id == "rack-3"
