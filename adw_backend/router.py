@@ -29,11 +29,10 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
-from adw_backend.broadcast import BEHIND, Resync, deleted_message
+from adw_backend.broadcast import BEHIND, Resync
 from adw_backend.errors import (
     BackendError,
     BadInput,
-    CommitUnknown,
     DatabaseUnavailable,
     Unauthorized,
 )
@@ -41,7 +40,7 @@ from adw_backend.intake import parse_batch, parse_one, read_body
 from adw_backend.projection import Status
 from adw_backend.service import SNAPSHOT_LIMIT, OnApplied, Service
 from adw_backend.settings import Settings
-from agent.events import DATA_MODELS, utc_now
+from agent.events import DATA_MODELS
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -181,15 +180,9 @@ def create_router(*, settings: Settings, on_applied: OnApplied | None = None) ->
     async def delete_workflow(adw_id: str, request: Request) -> Response:
         try:
             service.authorize(request.headers.get("authorization"), write=True)
-            await service.start()
-            await anyio.to_thread.run_sync(service.store.delete, adw_id)
-        except CommitUnknown as exc:
-            # Perhaps deleted: the clients are told what the database holds (see ingest).
-            service.hub.resync(service.snapshot_text)
-            return _problem(exc)
+            await service.delete(adw_id)
         except BackendError as exc:
             return _problem(exc)
-        service.hub.publish(deleted_message(adw_id, utc_now()))
         return _json({"deleted": adw_id})
 
     @router.get("/healthz")

@@ -15,7 +15,7 @@ import anyio
 import orjson
 from pydantic import SecretStr
 
-from adw_backend.broadcast import Hub, PgListener, snapshot_message
+from adw_backend.broadcast import Hub, PgListener, deleted_message, snapshot_message
 from adw_backend.errors import CommitUnknown, DatabaseUnavailable, Unauthorized
 from adw_backend.projection import EventView, Projection
 from adw_backend.settings import Settings
@@ -103,6 +103,17 @@ class Service:
         for item in outcome.applied:
             await self._notify(item)
         return outcome
+
+    async def delete(self, adw_id: str) -> None:
+        """Forget a workflow and tell the clients; a deletion that may have committed
+        resynchronises them, as in :meth:`ingest`."""
+        await self.start()
+        try:
+            await anyio.to_thread.run_sync(self.store.delete, adw_id)
+        except CommitUnknown:
+            self.hub.resync(self.snapshot_text)
+            raise
+        self.hub.publish(deleted_message(adw_id, utc_now()))
 
     async def _notify(self, item: Applied) -> None:
         if self.on_applied is None:
