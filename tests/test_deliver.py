@@ -578,30 +578,41 @@ def test_a_stalled_sender_is_reported_and_recovers(config: Config, store: Store)
     assert store.meta("sender")["problem"] is None
 
 
+def moved_backend(config: Config) -> Config:
+    """``config`` pointing at another backend: a reload that ends a retry's wait."""
+    return config.model_copy(
+        update={"backend": config.backend.model_copy(update={"url": "http://127.0.0.1:10"})}
+    )
+
+
+async def reload_during_a_wait(
+    config: Config, store: Store, first: Handler, reloaded: Config, second: Handler
+) -> None:
+    """Run a real Sender against ``first`` until its first attempt failed and it waits, then
+    reload it to ``reloaded`` (another client, answered by ``second``) and run it until the
+    outbox is empty."""
+    client = build_client(config, transport=httpx.MockTransport(first))
+    sender = Sender(config, store, client)
+    task = asyncio.create_task(sender.run())
+    sender.wake()
+    await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting
+    replacement = build_client(reloaded, transport=httpx.MockTransport(second))
+    await sender.replace_client(reloaded, replacement).aclose()
+    await wait_until(lambda: store.queue.depth() == 0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await replacement.aclose()
+
+
 def test_a_reload_to_another_backend_ends_a_retry_after_wait(
     batch_config: Config, store: Store
 ) -> None:
     emit(store, "a")
     old = BatchRecorder(lambda p, e: httpx.Response(503, headers={"Retry-After": "600"}))
     new = BatchRecorder(accepted)
-    moved = batch_config.model_copy(
-        update={"backend": batch_config.backend.model_copy(update={"url": "http://127.0.0.1:10"})}
-    )
+    moved = moved_backend(batch_config)
 
-    async def scenario() -> None:
-        first = build_client(batch_config, transport=httpx.MockTransport(old))
-        sender = Sender(batch_config, store, first)
-        task = asyncio.create_task(sender.run())
-        sender.wake()
-        await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
-        second = build_client(moved, transport=httpx.MockTransport(new))
-        await sender.replace_client(moved, second).aclose()
-        await wait_until(lambda: store.queue.depth() == 0)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await second.aclose()
-
-    asyncio.run(scenario())
+    asyncio.run(reload_during_a_wait(batch_config, store, old, moved, new))
     assert old.seqs() == [[1]]
     assert new.seqs() == [[1]]
 
@@ -684,26 +695,11 @@ def test_a_reload_to_one_event_per_request_mid_retry_still_sends_the_whole_batch
         emit(store, reason)
     answers = iter([httpx.Response(503, headers={"Retry-After": "600"})])
     rec = BatchRecorder(lambda p, e: next(answers, accepted(p, e)))
-    single = batch_config.model_copy(
-        update={"delivery": batch_config.delivery.model_copy(update={"batch_max": 1})}
-    )
-
-    async def scenario() -> None:
-        client = build_client(batch_config, transport=httpx.MockTransport(rec))
-        sender = Sender(batch_config, store, client)
-        task = asyncio.create_task(sender.run())
-        sender.wake()
-        await wait_until(lambda: store.meta("last_delivery") is not None)  # now waiting 600 s
-        moved = single.model_copy(
-            update={"backend": single.backend.model_copy(update={"url": "http://127.0.0.1:10"})}
+    single = moved_backend(
+        batch_config.model_copy(
+            update={"delivery": batch_config.delivery.model_copy(update={"batch_max": 1})}
         )
-        second = build_client(moved, transport=httpx.MockTransport(rec))
-        await sender.replace_client(moved, second).aclose()
-        await wait_until(lambda: store.queue.depth() == 0)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await second.aclose()
-
-    asyncio.run(scenario())
+    )
+    asyncio.run(reload_during_a_wait(batch_config, store, rec, single, rec))
     delivered = [seq for seqs in rec.seqs()[1:] for seq in seqs]
     assert delivered == [1, 2, 3]
