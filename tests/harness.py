@@ -395,8 +395,16 @@ class AgentProcess:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
+    """``adw-agent ARGS`` as a process of its own, its output captured."""
+    return run_module("agent", *args, env=env, timeout=timeout)
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the project's root, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

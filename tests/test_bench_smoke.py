@@ -8,24 +8,15 @@ timings themselves are never asserted.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from bench.stages import STAGES
-from tests.harness import ROOT
+from tests.harness import run_module
 
 
 def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--work", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = run_module("bench", "--smoke", "--out", str(out), "--work", str(tmp_path), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
     assert results["mode"] == "smoke"
@@ -60,14 +51,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
 
 def test_bench_stages_still_finds_every_stage_it_times() -> None:
     # It wraps the agent's own methods by name: a rename must break this test, not the bench.
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.stages", "--writes", "10"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_module("bench.stages", "--writes", "10", timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.rsplit(None, 2) for line in proc.stdout.splitlines()[1:] if line.strip()]
     assert [row[0].strip() for row in rows] == [label for label, _ in STAGES], proc.stdout

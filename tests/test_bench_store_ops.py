@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from bench import store_ops
-from tests.harness import ROOT
+from tests.harness import run_module
 
 
 def test_store_ops_times_every_call() -> None:
@@ -20,14 +17,7 @@ def test_store_ops_times_every_call() -> None:
 
 
 def test_store_ops_command_prints_both_modes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.store_ops", "--events", "10"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_module("bench.store_ops", "--events", "10", timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 8
