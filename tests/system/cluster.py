@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -250,9 +251,8 @@ def restart_pg(cluster: PgCluster, down: float, stop: threading.Event) -> None:
     cluster.start_server()
 
 
-def wait_for(predicate: object, what: str, timeout: float, tick: float = 0.1) -> float:
-    """Poll ``predicate`` (a callable) until true; the seconds it took."""
-    assert callable(predicate)
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float, tick: float = 0.1) -> float:
+    """Poll ``predicate`` until true; the seconds it took."""
     started = time.monotonic()
     ticker = threading.Event()
     while not predicate():

@@ -14,11 +14,9 @@ word about itself.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +25,10 @@ import orjson
 import psycopg
 
 from agent.outbox import DeliveryTotals, StoreView
+from tests.faults import DB_NAME, store_db
 from tests.system.workload import Truth
 
-DB_NAME = "agent.sqlite3"
 COST_TOLERANCE = 1e-9
-
-
-@contextlib.contextmanager
-def agent_store(storage: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to an agent's store, as an auditor would open it."""
-    db = sqlite3.connect(f"file:{storage / DB_NAME}?mode=ro", uri=True, timeout=10)
-    try:
-        yield db
-    finally:
-        db.close()
 
 
 def consumed_offset(storage: Path, adw_id: str, agent: str) -> int:
@@ -48,7 +36,7 @@ def consumed_offset(storage: Path, adw_id: str, agent: str) -> int:
     if not (storage / DB_NAME).exists():
         return -1
     try:
-        with agent_store(storage) as db:
+        with store_db(storage) as db:
             row = db.execute(
                 "SELECT value FROM files WHERE adw_id = ? AND key = ?",
                 (adw_id, f"transcript:{agent}"),
@@ -68,7 +56,7 @@ def queued_since(storage: Path, before: float) -> int:
     if not (storage / DB_NAME).exists():
         return 0
     try:
-        with agent_store(storage) as db:
+        with store_db(storage) as db:
             row = db.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (before,)).fetchone()
     except sqlite3.Error:
         return UNREADABLE
@@ -78,7 +66,7 @@ def queued_since(storage: Path, before: float) -> int:
 def depth(storage: Path) -> tuple[int, int]:
     """(events queued, dead letters)."""
     try:
-        with agent_store(storage) as db:
+        with store_db(storage) as db:
             queued = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
             dead = int(db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
     except sqlite3.Error:
